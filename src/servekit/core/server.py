@@ -1,0 +1,379 @@
+# BaseServer: the server lifecycle and the serving loop, socket-type agnostic.
+#
+# Strategy. The contract is socketserver's template method: serve_forever() and
+# handle_request() call get_request / verify_request / process_request /
+# shutdown_request, each of which a subclass or mix-in may override and chain with
+# super(). What differs from the stdlib is how the loop waits:
+#   * it blocks in a selector on the listener(s) *and* a wake-up channel, so shutdown()
+#     returns as soon as the loop has stopped instead of up to poll_interval later;
+#     poll_interval keeps only its other meaning, the longest gap between
+#     service_actions() calls;
+#   * shutdown() from inside a handler that runs on the loop's own thread stops the loop
+#     after the current request instead of deadlocking;
+#   * accepting can be paused (resource exhaustion, a full worker pool, a connection
+#     cap) by unregistering the listener, so the loop never spins on a ready socket it
+#     will not accept from, and pending connections wait in the kernel backlog.
+#
+# Lifecycle state is one field, guarded by one lock:
+#   IDLE     not inside serve_forever()
+#   SERVING  serve_forever() is running
+#   STOPPING shutdown() was called; the loop exits at its next wake-up, or, if no loop
+#            is running yet, the next serve_forever() returns at once (stdlib semantics)
+from __future__ import annotations
+
+import contextlib
+import enum
+import selectors
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+from servekit.core.accept import RESOURCE_ERRNOS, AcceptBackoff
+from servekit.core.wakeup import Wakeup
+
+__all__ = ["BaseServer", "ServerState"]
+
+
+class ServerState(enum.Enum):
+    IDLE = "idle"
+    SERVING = "serving"
+    STOPPING = "stopping"
+
+
+class BaseServer:
+    """Base class for servers: the lifecycle and the serving loop.
+
+    Methods for the caller:
+
+    - __init__(server_address, RequestHandlerClass)
+    - serve_forever(poll_interval=0.5)
+    - shutdown()
+    - handle_request()  # if you do not use serve_forever()
+    - fileno() -> int   # for selectors
+    - pause_accepting(reason) / resume_accepting(reason)
+
+    Methods that may be overridden:
+
+    - server_bind()
+    - server_activate()
+    - get_request() -> request, client_address
+    - handle_timeout()
+    - verify_request(request, client_address)
+    - server_close()
+    - process_request(request, client_address)
+    - shutdown_request(request)
+    - close_request(request)
+    - service_actions()
+    - handle_error()
+
+    Class variables that may be overridden by derived classes or instances:
+
+    - timeout
+    - address_family
+    - socket_type
+    - allow_reuse_address
+    - allow_reuse_port
+
+    Instance variables:
+
+    - RequestHandlerClass
+    - socket
+    """
+
+    #: Seconds handle_request() waits before calling handle_timeout(); None waits forever.
+    timeout: float | None = None
+
+    def __init__(self, server_address: Any, RequestHandlerClass: Callable[..., Any]) -> None:
+        """Constructor. May be extended, do not override."""
+        self.server_address = server_address
+        self.RequestHandlerClass = RequestHandlerClass
+        self.__lock = threading.Lock()
+        # Same name as the stdlib's event (some code waits on it directly).
+        self.__is_shut_down = threading.Event()
+        self.__state = ServerState.IDLE
+        self.__wakeup: Wakeup | None = None
+        self.__loop_thread: int | None = None
+        self.__accept_holds: set[str] = set()
+        self.__backoff = AcceptBackoff()
+        #: The listener that select() reported ready, for get_request() of servers that
+        #: listen on several sockets; None means "the only one".
+        self._ready_listener: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> ServerState:
+        """Where the serving loop is in its lifecycle (read-only)."""
+        return self.__state
+
+    def server_activate(self) -> None:
+        """Called by constructor to activate the server. May be overridden."""
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Handle one request at a time until shutdown().
+
+        Returns promptly when shutdown() is called from another thread, or after the
+        current request when it is called from a handler running on this thread.
+        poll_interval is the longest time between service_actions() calls; it is not a
+        shutdown latency.
+        """
+        wakeup = self.__begin_serving()
+        if wakeup is None:
+            return
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(wakeup, selectors.EVENT_READ, None)
+                listeners = tuple(self._listeners())
+                watching = False
+                while self.__state is ServerState.SERVING:
+                    now = time.monotonic()
+                    want = not self.__accept_holds and not self.__backoff.paused(now)
+                    if want != watching:
+                        for listener in listeners:
+                            if want:
+                                selector.register(listener, selectors.EVENT_READ, listener)
+                            else:
+                                selector.unregister(listener)
+                        watching = want
+                    timeout = poll_interval
+                    if self.__backoff.resume_at is not None:
+                        timeout = max(0.0, min(timeout, self.__backoff.resume_at - now))
+                    events = selector.select(timeout)
+                    if self.__state is not ServerState.SERVING:
+                        break
+                    for key, _ in events:
+                        if key.data is None:
+                            wakeup.drain()
+                        elif self.__state is ServerState.SERVING and not self.__accept_holds:
+                            self._ready_listener = key.data
+                            self._handle_request_noblock()
+                    self.service_actions()
+        finally:
+            self.__end_serving(wakeup)
+
+    def __begin_serving(self) -> Wakeup | None:
+        with self.__lock:
+            if self.__state is ServerState.STOPPING:
+                # shutdown() came first: honour it, as the stdlib does.
+                self.__state = ServerState.IDLE
+                self.__is_shut_down.set()
+                return None
+            if self.__state is ServerState.SERVING:
+                raise RuntimeError("serve_forever() is already running on this server")
+            self.__is_shut_down.clear()
+            self.__wakeup = Wakeup()
+            self.__state = ServerState.SERVING
+            self.__loop_thread = threading.get_ident()
+            return self.__wakeup
+
+    def __end_serving(self, wakeup: Wakeup) -> None:
+        with self.__lock:
+            self.__state = ServerState.IDLE
+            self.__loop_thread = None
+            self.__wakeup = None
+            wakeup.close()
+        self.__is_shut_down.set()
+
+    def shutdown(self) -> None:
+        """Stop the serve_forever() loop.
+
+        From another thread: blocks until the loop has exited (as in the stdlib, it
+        waits forever if serve_forever() is never called). From a handler running on
+        the loop's own thread: requests the stop and returns at once; the loop exits
+        after the current request instead of deadlocking as the stdlib does.
+        """
+        with self.__lock:
+            if self.__loop_thread == threading.get_ident():
+                if self.__state is ServerState.SERVING:
+                    self.__state = ServerState.STOPPING
+                return
+            self.__request_stop_locked()
+        self.__is_shut_down.wait()
+
+    def __request_stop_locked(self) -> None:
+        self.__state = ServerState.STOPPING
+        if self.__wakeup is not None:
+            self.__wakeup.notify()
+
+    # Compatibility: code in the wild sets ``server._BaseServer__shutdown_request = True``
+    # to stop the stdlib loop without waiting. Keep that working, and make it prompt.
+    def __get_shutdown_request(self) -> bool:
+        return self.__state is ServerState.STOPPING
+
+    def __set_shutdown_request(self, value: bool) -> None:
+        with self.__lock:
+            if value:
+                self.__request_stop_locked()
+            elif self.__state is ServerState.STOPPING and self.__wakeup is None:
+                self.__state = ServerState.IDLE
+
+    __shutdown_request = property(__get_shutdown_request, __set_shutdown_request)
+
+    def service_actions(self) -> None:
+        """Called by serve_forever() after each wake-up and at least every poll_interval.
+
+        May be overridden by a subclass or mix-in to do periodic work.
+        """
+
+    # -- accepting ---------------------------------------------------------------------
+
+    def pause_accepting(self, reason: str) -> None:
+        """Stop taking new requests until resume_accepting(reason); thread-safe.
+
+        While any reason holds, the loop does not watch the listener, so connections
+        wait in the kernel backlog (and datagrams in the socket buffer) instead of being
+        accepted and dropped. May be extended.
+        """
+        with self.__lock:
+            self.__accept_holds.add(reason)
+            if self.__wakeup is not None and self.__loop_thread != threading.get_ident():
+                self.__wakeup.notify()
+
+    def resume_accepting(self, reason: str) -> None:
+        """Release a hold taken with pause_accepting(); thread-safe. May be extended."""
+        with self.__lock:
+            if reason not in self.__accept_holds:
+                return
+            self.__accept_holds.discard(reason)
+            if self.__wakeup is not None and not self.__accept_holds:
+                self.__wakeup.notify()
+
+    @property
+    def accepting(self) -> bool:
+        """False while a pause_accepting() hold or an accept back-off is in force."""
+        return not self.__accept_holds and self.__backoff.resume_at is None
+
+    def _listeners(self) -> Sequence[Any]:
+        """Objects with fileno() whose readability means get_request() will not block.
+
+        The default is the server itself (its fileno()). Servers that listen on several
+        sockets return each; get_request() then reads ``self._ready_listener``.
+        """
+        return (self,)
+
+    # -- one request ---------------------------------------------------------------------
+
+    def handle_request(self) -> None:
+        """Wait for and handle one request, honouring self.timeout and the socket's."""
+        timeout = self._handle_request_timeout()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.__owning_loop(), selectors.DefaultSelector() as selector:
+            for listener in self._listeners():
+                selector.register(listener, selectors.EVENT_READ, listener)
+            while True:
+                events = selector.select(timeout)
+                if events:
+                    self._ready_listener = events[0][0].data
+                    self._handle_request_noblock()
+                    return
+                if deadline is not None:
+                    timeout = deadline - time.monotonic()
+                    if timeout < 0:
+                        self.handle_timeout()
+                        return
+
+    def _handle_request_timeout(self) -> float | None:
+        sock = getattr(self, "socket", None)
+        timeout = sock.gettimeout() if sock is not None else None
+        if timeout is None:
+            return self.timeout
+        if self.timeout is not None:
+            return min(timeout, self.timeout)
+        return timeout
+
+    @contextlib.contextmanager
+    def __owning_loop(self) -> Iterator[None]:
+        # Lets shutdown() called by a handler inside handle_request() return instead of
+        # waiting for a loop that does not exist.
+        with self.__lock:
+            previous = self.__loop_thread
+            if previous is None:
+                self.__loop_thread = threading.get_ident()
+        try:
+            yield
+        finally:
+            if previous is None:
+                with self.__lock:
+                    self.__loop_thread = None
+
+    def _handle_request_noblock(self) -> None:
+        """Handle one request, assuming get_request() will not block."""
+        try:
+            request, client_address = self.get_request()
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                self.__backoff.failed(exc)
+            # Every other error belongs to one connection (or one datagram's ICMP
+            # echo); the stdlib ignores them and so do we.
+            return
+        if self.__backoff.active:
+            self.__backoff.succeeded()
+        if self.verify_request(request, client_address):
+            try:
+                self.process_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+            except BaseException:
+                self.shutdown_request(request)
+                raise
+        else:
+            self.shutdown_request(request)
+
+    def handle_timeout(self) -> None:
+        """Called if no new request arrives within self.timeout. May be overridden."""
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Return True to process the request. May be overridden."""
+        return True
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Handle the request and close it. Overridden by the concurrency mix-ins."""
+        self.finish_request(request, client_address)
+        self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Clean up the server. May be overridden."""
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Finish one request by instantiating RequestHandlerClass."""
+        self.RequestHandlerClass(request, client_address, self)
+
+    def shutdown_request(self, request: Any) -> None:
+        """Called to shut down and close an individual request."""
+        self.close_request(request)
+
+    def close_request(self, request: Any) -> None:
+        """Called to clean up an individual request."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Handle an exception raised by the handler. May be overridden.
+
+        The default prints the traceback to stderr and carries on serving.
+        """
+        rule = "-" * 40
+        print(rule, file=sys.stderr)
+        print(
+            "Exception occurred during processing of request from",
+            client_address,
+            file=sys.stderr,
+        )
+        traceback.print_exc()
+        print(rule, file=sys.stderr)
+
+    # -- context manager -----------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.server_close()
