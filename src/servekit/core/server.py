@@ -94,6 +94,7 @@ class BaseServer:
         self.__lock = threading.Lock()
         # Same name as the stdlib's event (some code waits on it directly).
         self.__is_shut_down = threading.Event()
+        self.__is_serving = threading.Event()
         self.__state = ServerState.IDLE
         self.__wakeup: Wakeup | None = None
         self.__loop_thread: int | None = None
@@ -168,15 +169,26 @@ class BaseServer:
             self.__wakeup = Wakeup()
             self.__state = ServerState.SERVING
             self.__loop_thread = threading.get_ident()
+            self.__is_serving.set()
             return self.__wakeup
 
     def __end_serving(self, wakeup: Wakeup) -> None:
         with self.__lock:
+            self.__is_serving.clear()
             self.__state = ServerState.IDLE
             self.__loop_thread = None
             self.__wakeup = None
             wakeup.close()
         self.__is_shut_down.set()
+
+    def wait_serving(self, timeout: float | None = None) -> bool:
+        """Block until serve_forever() is running; False if timeout expired first.
+
+        Connections are queued by the kernel from the moment the server is activated,
+        so clients need not wait for this; it is for code that must know the loop runs
+        (tests, supervisors reporting readiness).
+        """
+        return self.__is_serving.wait(timeout)
 
     def shutdown(self) -> None:
         """Stop the serve_forever() loop.

@@ -1,0 +1,55 @@
+# Helpers for testing servers and handlers, used by servekit's own test suite too.
+# Everything binds to loopback on port 0 and signals readiness with events, never sleeps.
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from typing import TypeVar
+
+from servekit.core.server import BaseServer
+
+__all__ = ["LOCALHOST", "LOCALHOST_V6", "connect", "serving"]
+
+LOCALHOST = "127.0.0.1"
+LOCALHOST_V6 = "::1"
+
+S = TypeVar("S", bound=BaseServer)
+
+
+@contextlib.contextmanager
+def serving(server: S, *, poll_interval: float = 0.5, timeout: float = 10.0) -> Iterator[S]:
+    """Run server.serve_forever() in a thread for the duration of a with block.
+
+    Yields once the loop is running; on exit shuts the loop down, joins the thread and
+    closes the server. Raises TimeoutError if the loop does not start or stop in time.
+    """
+    thread = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": poll_interval},
+        name=f"serving {type(server).__name__}",
+        daemon=True,
+    )
+    thread.start()
+    try:
+        if not server.wait_serving(timeout):
+            raise TimeoutError(f"{type(server).__name__} did not start serving in {timeout}s")
+        yield server
+    finally:
+        if thread.is_alive():
+            server.shutdown()
+        thread.join(timeout)
+        server.server_close()
+        if thread.is_alive():
+            raise TimeoutError(f"{type(server).__name__} did not stop in {timeout}s")
+
+
+def connect(address: tuple[str, int] | str, timeout: float = 10.0) -> socket.socket:
+    """A client socket connected to address (IPv4, IPv6 or a Unix path), with a timeout."""
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(address)
+        return sock
+    return socket.create_connection(address[:2], timeout=timeout)
