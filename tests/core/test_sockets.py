@@ -1,0 +1,116 @@
+"""The socket types: IPv6 literals, datagram and Unix servers, bind failures."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+import servekit
+from servekit.testing import LOCALHOST, LOCALHOST_V6, connect, serving
+
+
+class LineEcho(servekit.StreamRequestHandler):
+    def handle(self) -> None:
+        self.wfile.write(self.rfile.readline())
+
+
+class DatagramEcho(servekit.DatagramRequestHandler):
+    def handle(self) -> None:
+        self.wfile.write(self.rfile.read())
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind((LOCALHOST_V6, 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+
+
+@needs_ipv6
+@pytest.mark.parametrize("host", [LOCALHOST_V6, "::"])
+def test_ipv6_literal_binds_without_subclassing(host: str) -> None:
+    """TCPServer(("::1", 0)) and (("::", 0)) pick AF_INET6 themselves (the stdlib raises gaierror)."""
+    with servekit.ThreadingTCPServer((host, 0), LineEcho) as server, serving(server):
+        assert server.address_family == socket.AF_INET6
+        assert server.socket.family == socket.AF_INET6
+        port = server.server_address[1]
+        with connect((LOCALHOST_V6, port)) as sock, sock.makefile("rb") as reader:
+            sock.sendall(b"six\n")
+            assert reader.readline() == b"six\n"
+
+
+@needs_ipv6
+def test_ipv6_udp_literal() -> None:
+    """UDPServer(("::1", 0)) is an IPv6 datagram server."""
+    with servekit.UDPServer((LOCALHOST_V6, 0), DatagramEcho) as server, serving(server):
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as client:
+            client.settimeout(5)
+            client.sendto(b"dgram", server.server_address)
+            assert client.recvfrom(100)[0] == b"dgram"
+
+
+def test_ipv4_hostname_keeps_ipv4() -> None:
+    """A hostname or IPv4 address keeps the class's address family."""
+    with servekit.TCPServer(("localhost", 0), LineEcho) as server:
+        assert server.address_family == socket.AF_INET
+
+
+def test_explicit_address_family_is_respected() -> None:
+    """A subclass that sets address_family keeps it (only the AF_INET default is inferred)."""
+
+    class V6(servekit.TCPServer):
+        address_family = socket.AF_INET6
+
+    if not _has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    with V6((LOCALHOST_V6, 0), LineEcho) as server:
+        assert server.socket.family == socket.AF_INET6
+
+
+def test_udp_server_round_trip() -> None:
+    """A UDPServer answers each datagram through DatagramRequestHandler's wfile."""
+    with servekit.ThreadingUDPServer((LOCALHOST, 0), DatagramEcho) as server, serving(server):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(5)
+            for i in range(3):
+                client.sendto(b"n%d" % i, server.server_address)
+                assert client.recvfrom(100)[0] == b"n%d" % i
+
+
+def test_unix_stream_server(tmp_path: os.PathLike[str]) -> None:
+    """UnixStreamServer serves a Unix-domain path."""
+    path = os.path.join(tmp_path, "s.sock")
+    with servekit.ThreadingUnixStreamServer(path, LineEcho) as server, serving(server):
+        with connect(path) as sock, sock.makefile("rb") as reader:
+            sock.sendall(b"unix\n")
+            assert reader.readline() == b"unix\n"
+
+
+def test_bind_failure_closes_socket() -> None:
+    """A failed bind closes the new socket instead of leaking it."""
+    with socket.socket() as taken:
+        taken.bind((LOCALHOST, 0))
+        taken.listen()
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(50):
+            with pytest.raises(OSError):
+                servekit.TCPServer(taken.getsockname(), LineEcho)
+        assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_allow_reuse_port_sets_option() -> None:
+    """allow_reuse_port = True sets SO_REUSEPORT, so two servers share one port."""
+
+    class Shared(servekit.TCPServer):
+        allow_reuse_port = True
+
+    with Shared((LOCALHOST, 0), LineEcho) as first:
+        with Shared(first.server_address, LineEcho) as second:
+            assert second.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
