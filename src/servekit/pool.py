@@ -1,0 +1,364 @@
+# Bounded thread pool: reusable worker threads instead of a thread per request.
+#
+# Strategy. The pool never queues work it cannot start: the server submits a request
+# only while fewer than max_threads requests are in flight, and the moment the last
+# worker becomes busy it pauses accepting (BaseServer.pause_accepting), so further
+# connections wait in the kernel's listen backlog (datagrams in the socket buffer), not
+# in our memory. When a worker frees up, accepting resumes. Memory is therefore bounded
+# by max_threads whatever the number of clients (gevent's pool-full policy).
+#
+# Idle workers wait on a per-worker lock in a LIFO stack: the most recently used
+# worker gets the next request (warm caches), and workers at the bottom stay idle long
+# enough to time out, so the pool shrinks back to min_threads after a burst. A shared
+# Condition would wake waiters FIFO and keep every thread just busy enough to live.
+#
+# The saturation edges (busy reaching max_threads, and dropping below it) are reported
+# under the pool's lock, so "pause" and "resume" can never arrive out of order.
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from servekit.core import TCPServer, UDPServer
+from servekit.settings import Configurable, knob, non_negative, optional_positive, positive
+
+if TYPE_CHECKING:
+    from servekit.core.server import BaseServer
+
+    _MixinBase = BaseServer
+else:
+    _MixinBase = object
+
+__all__ = [
+    "ThreadPoolMixIn",
+    "ThreadPoolTCPServer",
+    "ThreadPoolUDPServer",
+    "WorkerPool",
+]
+
+log = logging.getLogger("servekit.pool")
+
+Task = tuple[Callable[..., object], tuple[Any, ...]]
+_STOP: Task = (lambda: None, ())
+
+
+class _Worker:
+    __slots__ = ("task", "thread", "wake")
+
+    def __init__(self) -> None:
+        self.wake = threading.Lock()
+        self.wake.acquire()  # held = "nothing to do"; release() hands over a task
+        self.task: Task | None = None
+        self.thread: threading.Thread | None = None
+
+
+class WorkerPool:
+    """A bounded set of reusable threads running submitted callables.
+
+    busy counts tasks running or waiting; on_saturated() is called (under the pool's
+    lock) when busy reaches max_threads and on_unsaturated() when it drops below again.
+    submit() never blocks: when every worker is busy the task waits in an overflow
+    queue, which only callers that ignore saturation (handle_request() loops) can fill.
+    """
+
+    def __init__(
+        self,
+        max_threads: int,
+        *,
+        min_threads: int = 0,
+        idle_timeout: float | None = 30.0,
+        name: str = "servekit-worker",
+        on_saturated: Callable[[], None] | None = None,
+        on_unsaturated: Callable[[], None] | None = None,
+    ) -> None:
+        if max_threads < 1:
+            raise ValueError(f"max_threads must be at least 1, got {max_threads}")
+        self.max_threads = max_threads
+        self.min_threads = min(min_threads, max_threads)
+        self.idle_timeout = idle_timeout
+        self.name = name
+        self.pid = os.getpid()
+        self._on_saturated = on_saturated
+        self._on_unsaturated = on_unsaturated
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []  # LIFO: the top was busy most recently
+        self._workers: set[_Worker] = set()
+        self._overflow: deque[Task] = deque()
+        self._busy = 0
+        self._closing = False
+        self._all_idle = threading.Condition(self._lock)
+        self._counter = 0
+        for _ in range(self.min_threads):
+            self._spawn_locked(None)
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def busy(self) -> int:
+        """Tasks running or waiting to run."""
+        return self._busy
+
+    @property
+    def size(self) -> int:
+        """Worker threads alive (idle or busy)."""
+        return len(self._workers)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    @property
+    def saturated(self) -> bool:
+        return self._busy >= self.max_threads
+
+    # -- submitting ----------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., object], *args: Any) -> None:
+        task: Task = (fn, args)
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the pool is shut down")
+            self._busy += 1
+            if self._busy == self.max_threads and self._on_saturated is not None:
+                self._on_saturated()
+            if self._idle:
+                worker = self._idle.pop()
+                worker.task = task
+                worker.wake.release()
+            elif len(self._workers) < self.max_threads:
+                self._spawn_locked(task)
+            else:
+                self._overflow.append(task)
+
+    def _spawn_locked(self, task: Task | None) -> None:
+        worker = _Worker()
+        worker.task = task
+        self._counter += 1
+        thread = threading.Thread(
+            target=self._run, args=(worker,), name=f"{self.name}-{self._counter}", daemon=True
+        )
+        worker.thread = thread
+        self._workers.add(worker)
+        if task is None:
+            self._idle.insert(0, worker)
+        try:
+            thread.start()
+        except BaseException:
+            self._workers.discard(worker)
+            if task is None:
+                self._idle.remove(worker)
+            raise
+
+    # -- the worker ----------------------------------------------------------------------
+
+    def _run(self, worker: _Worker) -> None:
+        task = worker.task
+        worker.task = None
+        while True:
+            if task is None:
+                task = self._wait_for_task(worker)
+                if task is None or task is _STOP:
+                    return
+            fn, args = task
+            try:
+                fn(*args)
+            except BaseException:
+                # The server's task wrapper reports handler errors itself; anything that
+                # escapes it (SystemExit in a handler, a bug in a hook) must not kill
+                # the worker silently and leak its slot.
+                log.exception("uncaught exception in pool worker")
+            finally:
+                task = self._finished(worker)
+
+    def _wait_for_task(self, worker: _Worker) -> Task | None:
+        while True:
+            timeout = self.idle_timeout
+            got = worker.wake.acquire(timeout=-1 if timeout is None else timeout)
+            if got:
+                task = worker.task
+                worker.task = None
+                return task
+            with self._lock:
+                # Timed out while idle. Leave unless that would go below min_threads or
+                # a task was handed over between the timeout and taking the lock.
+                if worker in self._idle and len(self._workers) > self.min_threads:
+                    self._idle.remove(worker)
+                    self._workers.discard(worker)
+                    return None
+
+    def _finished(self, worker: _Worker) -> Task | None:
+        """Account for a finished task; return the next one to run, if any is waiting."""
+        with self._lock:
+            self._busy -= 1
+            if self._busy == self.max_threads - 1 and self._on_unsaturated is not None:
+                self._on_unsaturated()
+            if self._overflow:
+                return self._overflow.popleft()
+            if self._closing:
+                self._workers.discard(worker)
+                if not self._busy:
+                    self._all_idle.notify_all()
+                return _STOP
+            self._idle.append(worker)
+            if not self._busy:
+                self._all_idle.notify_all()
+            return None
+
+    # -- shutting down -------------------------------------------------------------------
+
+    def shutdown(self, *, wait: bool = True, timeout: float | None = None) -> bool:
+        """Refuse new tasks, stop idle workers, and optionally wait for busy ones.
+
+        Returns True if no task is still running when it returns.
+        """
+        with self._lock:
+            self._closing = True
+            while self._idle:
+                worker = self._idle.pop()
+                self._workers.discard(worker)
+                worker.task = _STOP
+                worker.wake.release()
+            if not wait:
+                return self._busy == 0
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._busy:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._all_idle.wait(remaining)
+            return self._busy == 0
+
+
+def _drain_at_exit(ref: weakref.ReferenceType[ThreadPoolMixIn]) -> None:
+    server = ref()
+    if server is not None:
+        server._drain_pool()
+
+
+class ThreadPoolMixIn(Configurable, _MixinBase):
+    """Handle requests on a bounded pool of reusable threads. Put it first in the bases.
+
+    When max_threads requests are in flight the server stops accepting until one
+    finishes, so extra clients wait in the kernel backlog and memory stays bounded.
+    For stream servers a handler owns its thread for the connection's lifetime:
+    max_threads bounds concurrent connections.
+
+    daemon_threads and block_on_close keep their ThreadingMixIn meaning: with
+    block_on_close, server_close() waits up to drain_timeout for running requests;
+    without daemon_threads, the interpreter does the same at exit.
+    """
+
+    max_threads: int = knob(
+        128,
+        "largest number of worker threads, i.e. of requests (connections) in flight",
+        flag="--threads",
+        check=positive,
+        section="pool",
+    )
+    min_threads: int = knob(
+        0,
+        "worker threads kept alive when idle; extra ones exit after thread_idle_timeout",
+        check=non_negative,
+        section="pool",
+    )
+    thread_idle_timeout: float = knob(
+        30.0,
+        "seconds an idle worker above min_threads waits for work before exiting",
+        check=positive,
+        section="pool",
+    )
+    drain_timeout: float | None = knob(
+        30.0,
+        "seconds server_close() waits for in-flight requests (None: forever)",
+        check=optional_positive,
+        section="pool",
+    )
+    daemon_threads: bool = False
+    block_on_close: bool = True
+    # A full pool leaves new connections in the kernel's listen backlog, so the backlog
+    # must hold a burst: the stdlib's 5 drops SYNs (clients retry after 1 s, 3 s, ...)
+    # as soon as more than five connect at once. Linux caps it at net.core.somaxconn
+    # (4096 since kernel 5.4).
+    request_queue_size: int = 1024
+
+    _POOL_FULL = "thread pool full"
+
+    @property
+    def pool(self) -> WorkerPool:
+        """This process's worker pool, created on first use (so after any fork)."""
+        pool: WorkerPool | None = self.__dict__.get("_servekit_pool")
+        if pool is None or pool.pid != os.getpid():
+            pool = WorkerPool(
+                self.max_threads,
+                min_threads=self.min_threads,
+                idle_timeout=self.thread_idle_timeout,
+                name=f"servekit-{type(self).__name__}",
+                on_saturated=lambda: self.pause_accepting(self._POOL_FULL),
+                on_unsaturated=lambda: self.resume_accepting(self._POOL_FULL),
+            )
+            self.__dict__["_servekit_pool"] = pool
+            if not self.daemon_threads:
+                atexit.register(_drain_at_exit, weakref.ref(self))
+        return pool
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Run one request on a pool thread: finish, report errors, always close."""
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the request to an idle pool thread."""
+        self.pool.submit(self.process_request_thread, request, client_address)
+
+    def _drain_pool(self) -> None:
+        pool: WorkerPool | None = self.__dict__.get("_servekit_pool")
+        if pool is None or pool.pid != os.getpid():
+            return
+        if not pool.shutdown(wait=True, timeout=self.drain_timeout):
+            log.warning(
+                "%d request(s) still running after drain_timeout=%ss; not waiting longer",
+                pool.busy,
+                self.drain_timeout,
+            )
+
+    def server_close(self) -> None:
+        super().server_close()
+        pool: WorkerPool | None = self.__dict__.get("_servekit_pool")
+        if pool is None or pool.pid != os.getpid():
+            return
+        if self.block_on_close:
+            self._drain_pool()
+        else:
+            pool.shutdown(wait=False)
+
+
+class ThreadPoolTCPServer(ThreadPoolMixIn, TCPServer):
+    """TCPServer handling connections on a bounded thread pool."""
+
+
+class ThreadPoolUDPServer(ThreadPoolMixIn, UDPServer):
+    """UDPServer handling datagrams on a bounded thread pool."""
+
+
+if hasattr(socket, "AF_UNIX"):
+    from servekit.core import UnixDatagramServer, UnixStreamServer
+
+    __all__ += ["ThreadPoolUnixDatagramServer", "ThreadPoolUnixStreamServer"]
+
+    class ThreadPoolUnixStreamServer(ThreadPoolMixIn, UnixStreamServer):
+        """UnixStreamServer handling connections on a bounded thread pool."""
+
+    class ThreadPoolUnixDatagramServer(ThreadPoolMixIn, UnixDatagramServer):
+        """UnixDatagramServer handling datagrams on a bounded thread pool."""
