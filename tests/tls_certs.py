@@ -1,23 +1,26 @@
-"""Throwaway certificates for the TLS tests, made once per session with the openssl command.
+"""Fixtures for the TLS tests: throwaway certificates, and a watcher for servekit.tls logs.
 
-A test CA signs two server certificates (for reload) and a client certificate; a second,
-untrusted CA signs a "stranger" client certificate. Keys are ECDSA P-256: generating
-one takes about a millisecond where RSA-2048 takes tens, so the whole set costs well
-under a second. Nothing here needs the cryptography package.
+The certificates are made once per session with the openssl command. A test CA signs two
+server certificates (for reload) and a client certificate; a second, untrusted CA signs a
+"stranger" client certificate. Keys are ECDSA P-256: generating one takes about a
+millisecond where RSA-2048 takes tens, so the whole set costs well under a second.
+Nothing here needs the cryptography package.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import ssl
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-__all__ = ["CertSet", "tls_certs"]
+__all__ = ["CertSet", "KeyPair", "LogWatcher", "tls_certs", "tls_log"]
 
 # Bounds one openssl invocation; each takes milliseconds, so this only catches a hang.
 OPENSSL_TIMEOUT = 30.0
@@ -106,7 +109,7 @@ def _make_ca(directory: Path, cnf: Path, name: str) -> KeyPair:
 
 
 def _make_leaf(
-    directory: Path, cnf: Path, ca: KeyPair, name: str, kind: str, serial: int
+    directory: Path, cnf: Path, ca: KeyPair, name: str, *, kind: str, serial: int
 ) -> KeyPair:
     pair = KeyPair(directory / f"{name}.pem", directory / f"{name}.key")
     csr = directory / f"{name}.csr"
@@ -131,10 +134,10 @@ def make_cert_set(directory: Path) -> CertSet:
     return CertSet(
         directory=directory,
         ca=ca.cert,
-        server=_make_leaf(directory, cnf, ca, "server-1", "server", 1001),
-        server2=_make_leaf(directory, cnf, ca, "server-2", "server", 1002),
-        client=_make_leaf(directory, cnf, ca, "client-1", "client", 1003),
-        stranger=_make_leaf(directory, cnf, other_ca, "stranger", "client", 2001),
+        server=_make_leaf(directory, cnf, ca, "server-1", kind="server", serial=1001),
+        server2=_make_leaf(directory, cnf, ca, "server-2", kind="server", serial=1002),
+        client=_make_leaf(directory, cnf, ca, "client-1", kind="client", serial=1003),
+        stranger=_make_leaf(directory, cnf, other_ca, "stranger", kind="client", serial=2001),
     )
 
 
@@ -144,3 +147,50 @@ def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CertSet]:
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to generate the test certificates")
     yield make_cert_set(tmp_path_factory.mktemp("tls-certs"))
+
+
+class LogWatcher(logging.Handler):
+    """Collects log records from any thread and lets a test wait for one, bounded."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._changed = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._changed:
+            self.records.append(record)
+            self._changed.notify_all()
+
+    def messages(self) -> list[str]:
+        with self._changed:
+            return [record.getMessage() for record in self.records]
+
+    def wait_for(self, text: str, timeout: float = 5.0) -> logging.LogRecord:
+        """The first record whose message contains text; AssertionError after timeout."""
+
+        def find() -> logging.LogRecord | None:
+            return next((r for r in self.records if text in r.getMessage()), None)
+
+        with self._changed:
+            found = self._changed.wait_for(find, timeout)
+        if found is None:
+            raise AssertionError(
+                f"no log message containing {text!r} in {timeout}s: {self.messages()}"
+            )
+        return found
+
+
+@pytest.fixture
+def tls_log() -> Iterator[LogWatcher]:
+    """Everything logged to servekit.tls (INFO and up) during the test."""
+    logger = logging.getLogger("servekit.tls")
+    watcher = LogWatcher()
+    previous = logger.level
+    logger.addHandler(watcher)
+    logger.setLevel(logging.INFO)
+    try:
+        yield watcher
+    finally:
+        logger.removeHandler(watcher)
+        logger.setLevel(previous)

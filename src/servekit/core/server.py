@@ -99,6 +99,8 @@ class BaseServer:
         self.__wakeup: Wakeup | None = None
         self.__loop_thread: int | None = None
         self.__accept_holds: set[str] = set()
+        # Set without the lock by request_shutdown(), which signal handlers call.
+        self.__stop_soon = False
         self.__backoff = AcceptBackoff()
         #: The listener that select() reported ready, for get_request() of servers that
         #: listen on several sockets; None means "the only one".
@@ -126,41 +128,75 @@ class BaseServer:
         if wakeup is None:
             return
         try:
-            with selectors.DefaultSelector() as selector:
-                selector.register(wakeup, selectors.EVENT_READ, None)
-                listeners = tuple(self._listeners())
-                watching = False
-                while self.__state is ServerState.SERVING:
-                    now = time.monotonic()
-                    want = not self.__accept_holds and not self.__backoff.paused(now)
-                    if want != watching:
-                        for listener in listeners:
-                            if want:
-                                selector.register(listener, selectors.EVENT_READ, listener)
-                            else:
-                                selector.unregister(listener)
-                        watching = want
-                    timeout = poll_interval
-                    if self.__backoff.resume_at is not None:
-                        timeout = max(0.0, min(timeout, self.__backoff.resume_at - now))
-                    events = selector.select(timeout)
-                    if self.__state is not ServerState.SERVING:
-                        break
-                    for key, _ in events:
-                        if key.data is None:
-                            wakeup.drain()
-                        elif self.__state is ServerState.SERVING and not self.__accept_holds:
-                            self._ready_listener = key.data
-                            self._handle_request_noblock()
-                    self.service_actions()
+            self._serve_until_stopped(wakeup, poll_interval)
         finally:
             self.__end_serving(wakeup)
 
+    def _serve_until_stopped(self, wakeup: Wakeup, poll_interval: float) -> None:
+        """The body of serve_forever(): run until a stop is requested.
+
+        For mix-ins that replace the loop itself (the pre-fork supervisor runs its own
+        in the parent process). wakeup becomes readable whenever the loop should look
+        at its state again; _stop_requested tells whether to return.
+        """
+        with selectors.DefaultSelector() as selector:
+            selector.register(wakeup, selectors.EVENT_READ, None)
+            listeners = tuple(self._listeners())
+            watching = False
+            while not self._stop_requested:
+                now = time.monotonic()
+                want = not self.__accept_holds and not self.__backoff.paused(now)
+                if want != watching:
+                    for listener in listeners:
+                        if want:
+                            selector.register(listener, selectors.EVENT_READ, listener)
+                        else:
+                            selector.unregister(listener)
+                    watching = want
+                timeout = poll_interval
+                if self.__backoff.resume_at is not None:
+                    timeout = max(0.0, min(timeout, self.__backoff.resume_at - now))
+                events = selector.select(timeout)
+                if self._stop_requested:
+                    break
+                for key, _ in events:
+                    if key.data is None:
+                        wakeup.drain()
+                    elif not self.__accept_holds and not self._stop_requested:
+                        self._ready_listener = key.data
+                        self._handle_request_noblock()
+                self.service_actions()
+
+    @property
+    def _stop_requested(self) -> bool:
+        """True once shutdown() or request_shutdown() asked the running loop to stop."""
+        return self.__state is not ServerState.SERVING or self.__stop_soon
+
+    def _reset_after_fork(self) -> None:
+        """Forget the parent's loop state in a forked child that will serve on its own.
+
+        The child inherits a copy of the parent's lock (possibly held), its state
+        (SERVING, if the parent forked from inside its loop) and its wake-up channel.
+        """
+        self.__lock = threading.Lock()
+        self.__is_shut_down = threading.Event()
+        self.__is_serving = threading.Event()
+        self.__state = ServerState.IDLE
+        inherited = self.__wakeup
+        self.__wakeup = None
+        if inherited is not None:
+            inherited.close()  # our copy only; the parent's stays open
+        self.__loop_thread = None
+        self.__accept_holds = set()
+        self.__stop_soon = False
+        self.__backoff = AcceptBackoff()
+
     def __begin_serving(self) -> Wakeup | None:
         with self.__lock:
-            if self.__state is ServerState.STOPPING:
+            if self.__state is ServerState.STOPPING or self.__stop_soon:
                 # shutdown() came first: honour it, as the stdlib does.
                 self.__state = ServerState.IDLE
+                self.__stop_soon = False
                 self.__is_shut_down.set()
                 return None
             if self.__state is ServerState.SERVING:
@@ -175,6 +211,7 @@ class BaseServer:
     def __end_serving(self, wakeup: Wakeup) -> None:
         with self.__lock:
             self.__is_serving.clear()
+            self.__stop_soon = False
             self.__state = ServerState.IDLE
             self.__loop_thread = None
             self.__wakeup = None
@@ -206,6 +243,30 @@ class BaseServer:
             self.__request_stop_locked()
         self.__is_shut_down.wait()
 
+    def request_shutdown(self) -> None:
+        """Ask serve_forever() to stop, and return at once without waiting.
+
+        Safe to call from a signal handler and from any thread. The loop stops at its
+        next wake-up (at once when called on its own thread or when the server's lock
+        is free, otherwise within poll_interval). If no loop is running, the next
+        serve_forever() returns immediately, as after shutdown().
+        """
+        self.__stop_soon = True
+        if self.__loop_thread == threading.get_ident():
+            # A signal handler interrupting our own loop: the lock may be held by the
+            # very frame we interrupted, and the wake-up channel cannot be closed under
+            # us (closing happens on this thread).
+            wakeup = self.__wakeup
+            if wakeup is not None:
+                wakeup.notify()
+            return
+        if self.__lock.acquire(blocking=False):
+            try:
+                if self.__wakeup is not None:
+                    self.__wakeup.notify()
+            finally:
+                self.__lock.release()
+
     def __request_stop_locked(self) -> None:
         self.__state = ServerState.STOPPING
         if self.__wakeup is not None:
@@ -214,7 +275,7 @@ class BaseServer:
     # Compatibility: code in the wild sets ``server._BaseServer__shutdown_request = True``
     # to stop the stdlib loop without waiting. Keep that working, and make it prompt.
     def __get_shutdown_request(self) -> bool:
-        return self.__state is ServerState.STOPPING
+        return self.__state is ServerState.STOPPING or self.__stop_soon
 
     def __set_shutdown_request(self, value: bool) -> None:
         with self.__lock:

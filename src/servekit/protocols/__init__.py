@@ -1,3 +1,4 @@
-# Sans-IO protocol code: bytes or environment mappings in, a result or a precise error
-# out. Nothing in this package imports socket, threading or time, so each parser can be
-# tested from data alone and reused by any I/O layer.
+"""Sans-IO protocol code: bytes or environment mappings in, a result or a precise error
+out. Nothing in this package imports socket, threading, time or selectors, so each
+parser can be tested from data alone and reused by any I/O layer.
+"""

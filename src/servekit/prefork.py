@@ -1,0 +1,220 @@
+# PreforkMixIn: serve from N pre-forked worker processes under a supervisor.
+#
+# Strategy. The parent binds the listening socket once (in the constructor, as every
+# socketserver does) and then, in serve_forever(), runs a Supervisor instead of the
+# request loop. Each worker is a fork of the parent that runs the ordinary servekit
+# loop on the inherited socket, with whatever concurrency mix-in comes after this one
+# in the bases (a thread pool per worker, typically). The same object is the parent's
+# supervisor handle and each child's server, so a user's script does not change:
+#
+#     class Server(PreforkMixIn, ThreadPoolMixIn, TCPServer): ...
+#     with Server(("0.0.0.0", 8000), Handler, workers=4) as server:
+#         server.serve_forever()
+#
+# Sharing one listening socket (the default) lets the kernel hand each connection to
+# whichever worker accepts first; it is non-blocking so that a worker that loses the
+# race returns to its loop instead of blocking in accept(). With reuse_port=True each
+# worker binds its own SO_REUSEPORT socket instead and the kernel hashes connections
+# across them: no wake-up of idle workers, but a connection queued on a worker that
+# dies is reset, and a busy worker's queue is not drained by idle siblings.
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from typing import TYPE_CHECKING, Any
+
+from servekit.core.wakeup import Wakeup
+from servekit.settings import Configurable, knob, non_negative, optional_positive, positive
+from servekit.supervisor import (
+    EXIT_BOOT_ERROR,
+    EXIT_OK,
+    Supervisor,
+    WorkerContext,
+    WorkerState,
+)
+
+if TYPE_CHECKING:
+    from servekit.core.sockets import TCPServer
+
+    _MixinBase = TCPServer
+else:
+    _MixinBase = object
+
+__all__ = ["PreforkMixIn"]
+
+log = logging.getLogger("servekit.prefork")
+
+
+class PreforkMixIn(Configurable, _MixinBase):
+    """Serve from pre-forked worker processes under a supervisor. Put it first.
+
+    serve_forever() in the parent supervises `workers` processes until shutdown(),
+    SIGTERM (graceful), SIGINT/SIGQUIT (fast); SIGHUP replaces every worker and
+    SIGTTIN/SIGTTOU add or remove one. Override worker_init() for per-process setup
+    (it runs in each worker before it serves; an exception there is a boot error).
+    """
+
+    workers: int = knob(2, "number of worker processes", check=positive, section="prefork")
+    graceful_timeout: float = knob(
+        30.0,
+        "seconds a stopping worker may spend finishing in-flight requests before SIGKILL",
+        check=positive,
+        section="prefork",
+    )
+    worker_timeout: float | None = knob(
+        30.0,
+        "seconds without a heartbeat from a worker's loop before it is killed (None: never)",
+        check=optional_positive,
+        section="prefork",
+    )
+    max_requests: int = knob(
+        0,
+        "requests after which a worker retires and is replaced (0: never)",
+        check=non_negative,
+        section="prefork",
+    )
+    max_requests_jitter: int = knob(
+        0,
+        "random extra requests (0..N) per worker, so workers do not all retire at once",
+        check=non_negative,
+        section="prefork",
+    )
+    reuse_port: bool = knob(
+        False,
+        "each worker binds its own SO_REUSEPORT socket instead of sharing the parent's",
+        section="prefork",
+    )
+
+    # -- parent --------------------------------------------------------------------------
+
+    @property
+    def worker_context(self) -> WorkerContext | None:
+        """In a worker process, its context (index, generation, ...); None in the parent."""
+        context: WorkerContext | None = self.__dict__.get("_servekit_worker")
+        return context
+
+    @property
+    def supervisor(self) -> Supervisor | None:
+        """The running supervisor, in the parent while serve_forever() runs."""
+        supervisor: Supervisor | None = self.__dict__.get("_servekit_supervisor")
+        return supervisor
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            if self.socket_type != socket.SOCK_STREAM or self.address_family not in (
+                socket.AF_INET,
+                socket.AF_INET6,
+            ):
+                raise ValueError("reuse_port applies to TCP servers only")
+            self.allow_reuse_port = True
+        super().server_bind()
+
+    def server_activate(self) -> None:
+        if self.reuse_port:
+            # The parent only holds the address (bound, not listening): a listening
+            # socket would join the SO_REUSEPORT group and get connections nobody
+            # accepts. Each worker opens its own listening socket.
+            return
+        super().server_activate()
+
+    def _serve_until_stopped(self, wakeup: Wakeup, poll_interval: float) -> None:
+        if self.worker_context is not None:
+            super()._serve_until_stopped(wakeup, poll_interval)
+            return
+        supervisor = Supervisor(
+            lambda context: self._worker_main(context, poll_interval),
+            workers=self.workers,
+            graceful_timeout=self.graceful_timeout,
+            worker_timeout=self.worker_timeout,
+            max_requests=self.max_requests,
+            max_requests_jitter=self.max_requests_jitter,
+            on_reload=self.on_reload,
+            on_ready=self.on_workers_ready,
+            on_stop=self._close_parent_listener,
+            name=type(self).__name__,
+        )
+        self.__dict__["_servekit_supervisor"] = supervisor
+        try:
+            supervisor.run(wakeup=wakeup, should_stop=lambda: self._stop_requested)
+        finally:
+            self.__dict__["_servekit_supervisor"] = None
+
+    def on_reload(self) -> None:
+        """Called in the parent on SIGHUP before new workers start. May be overridden."""
+
+    def on_workers_ready(self) -> None:
+        """Called in the parent once all workers serve for the first time. May be overridden."""
+
+    def _close_parent_listener(self) -> None:
+        # Stopping: refuse new connections at once instead of letting them queue in a
+        # backlog that no worker will accept from (they would be reset later).
+        self.socket.close()
+
+    # -- worker --------------------------------------------------------------------------
+
+    def worker_init(self) -> None:
+        """Called in each worker process before it serves. May be overridden."""
+
+    def _worker_main(self, context: WorkerContext, poll_interval: float) -> int:
+        self._reset_after_fork()
+        self.__dict__["_servekit_worker"] = context
+        # Graceful: stop the loop, then drain (below). Fast: leave now. The supervisor
+        # owns reloads and resizing; a worker ignores them (SIGTTIN/SIGTTOU would
+        # otherwise stop the process, SIGHUP would kill it).
+        signal.signal(signal.SIGTERM, lambda signum, frame: self.request_shutdown())
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(EXIT_OK))
+        signal.signal(signal.SIGQUIT, lambda signum, frame: os._exit(EXIT_OK))
+        for ignored in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(ignored, signal.SIG_IGN)
+        try:
+            if self.reuse_port:
+                self._open_worker_listener()
+            else:
+                self.socket.setblocking(False)
+            self.worker_init()
+        except Exception:
+            log.exception("worker %d failed to start", context.index)
+            return EXIT_BOOT_ERROR
+        context.set_state(WorkerState.SERVING)
+        self.serve_forever(poll_interval)
+        context.set_state(WorkerState.DRAINING)
+        self.server_close()
+        return EXIT_OK
+
+    def _open_worker_listener(self) -> None:
+        listener = socket.socket(self.address_family, self.socket_type)
+        try:
+            if self.allow_reuse_address:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listener.bind(self.server_address)
+            listener.listen(self.request_queue_size)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        self.socket.close()
+        self.socket = listener
+
+    def service_actions(self) -> None:
+        context = self.worker_context
+        if context is not None:
+            context.heartbeat()
+        super().service_actions()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        context = self.worker_context
+        if context is not None and context.count_request():
+            # Retire after this request: the supervisor sees DRAINING and starts a
+            # replacement while we finish what is in flight.
+            context.set_state(WorkerState.DRAINING)
+            self.request_shutdown()
+        super().process_request(request, client_address)
+
+    def server_close(self) -> None:
+        supervisor = self.supervisor
+        if supervisor is not None and self.worker_context is None:
+            supervisor.stop(graceful=True, wait=True)
+        super().server_close()

@@ -1,0 +1,541 @@
+"""TLSMixIn: TLS over any stream server, the handshake in the worker, failures the peer's."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import select
+import shutil
+import socket
+import ssl
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+import servekit
+from servekit.settings import SettingError
+from servekit.testing import LOCALHOST, connect, serving
+from servekit.tls import (
+    TLSConfigError,
+    TLSInfo,
+    TLSMixIn,
+    describe_handshake_error,
+    peer_certificate,
+    tls_info,
+)
+
+# The fixtures live in tests/tls_certs.py until they move to a conftest; put tests/ on
+# the path so that they load however pytest was started.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+pytest_plugins = ["tls_certs"]
+
+if TYPE_CHECKING:
+    from tls_certs import CertSet, LogWatcher
+
+# Bounds every client-side wait; the server answers in milliseconds.
+CLIENT_TIMEOUT = 5.0
+
+
+class Echo(servekit.StreamRequestHandler):
+    """Reports its connection's TLS details, then echoes lines until the client stops."""
+
+    def handle(self) -> None:
+        self.server.handled.put(tls_info(self))
+        for line in self.rfile:
+            self.wfile.write(line)
+
+
+class OneLine(servekit.StreamRequestHandler):
+    """Answers one line with the line and the client certificate's common name."""
+
+    def handle(self) -> None:
+        self.server.handled.put(tls_info(self))
+        line = self.rfile.readline().rstrip(b"\n")
+        cert = peer_certificate(self)
+        info = tls_info(self.request)
+        name = info.peer_subject.get("commonName", "-") if info else "?"
+        self.wfile.write(b"%s %s %s\n" % (line, name.encode(), b"cert" if cert else b"nocert"))
+
+
+class Failing(servekit.StreamRequestHandler):
+    def handle(self) -> None:
+        self.server.handled.put(tls_info(self))
+        raise RuntimeError("handler bug")
+
+
+class Recording:
+    """Test servers record handler errors and handler runs instead of printing them."""
+
+    handler_errors: list[BaseException | None]
+    handled: queue.Queue[TLSInfo | None]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.handler_errors = []
+        self.handled = queue.Queue()
+        super().__init__(*args, **kwargs)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self.handler_errors.append(sys.exc_info()[1])
+
+
+class ThreadingTLSServer(Recording, TLSMixIn, servekit.ThreadingMixIn, servekit.TCPServer):
+    pass
+
+
+class ForkingTLSServer(Recording, TLSMixIn, servekit.ForkingMixIn, servekit.TCPServer):
+    pass
+
+
+@contextlib.contextmanager
+def running(
+    certs: CertSet,
+    handler: type[servekit.BaseRequestHandler] = Echo,
+    server_class: type[Any] = ThreadingTLSServer,
+    **knobs: Any,
+) -> Iterator[Any]:
+    if "ssl_context" not in knobs:
+        knobs.setdefault("certfile", str(certs.server.cert))
+        knobs.setdefault("keyfile", str(certs.server.key))
+    with server_class((LOCALHOST, 0), handler, **knobs) as server, serving(server):
+        yield server
+
+
+def tls_connect(
+    address: Any, context: ssl.SSLContext, *, ragged_eofs: bool = True
+) -> ssl.SSLSocket:
+    return context.wrap_socket(
+        connect(address, CLIENT_TIMEOUT),
+        server_hostname="localhost",
+        suppress_ragged_eofs=ragged_eofs,
+    )
+
+
+def common_name(cert: dict[str, Any] | None) -> str:
+    assert cert is not None
+    return str(dict(rdn[0] for rdn in cert["subject"])["commonName"])
+
+
+def round_trip(sock: socket.socket, line: bytes) -> bytes:
+    sock.sendall(line)
+    received = b""
+    while not received.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def read_to_eof(sock: socket.socket) -> bytes | None:
+    """Everything until EOF; None if the connection was reset or aborted by an alert."""
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except (ssl.SSLError, ConnectionError):
+        return None
+    return received
+
+
+def closed_within(sock: socket.socket, timeout: float) -> bool:
+    """True if the peer closed (or reset) sock within timeout."""
+    readable, _, _ = select.select([sock], [], [], timeout)
+    if not readable:
+        return False
+    try:
+        return sock.recv(1) == b""
+    except ConnectionError:
+        return True
+
+
+# -- serving -----------------------------------------------------------------------------
+
+
+def test_round_trip_ends_with_close_notify(tls_certs: CertSet) -> None:
+    """A line goes through the handler's rfile and wfile over TLS, and the server ends with
+    close_notify, so the client sees a clean EOF rather than a truncation."""
+    with (
+        running(tls_certs, OneLine) as server,
+        tls_connect(server.server_address, tls_certs.client_context(), ragged_eofs=False) as sock,
+    ):
+        assert round_trip(sock, b"hello\n") == b"hello - nocert\n"
+        # Without close_notify this recv() raises SSLEOFError (suppress_ragged_eofs=False).
+        assert sock.recv(1) == b""
+        info = server.handled.get(timeout=CLIENT_TIMEOUT)
+    assert info is not None
+    assert info.version in ("TLSv1.2", "TLSv1.3")
+    assert info.cipher
+    assert server.handler_errors == []
+
+
+def test_forking_server_round_trip(tls_certs: CertSet) -> None:
+    """Composed with ForkingMixIn, the handshake and the handler run in the child process."""
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    with (
+        running(tls_certs, Echo, ForkingTLSServer) as server,
+        tls_connect(server.server_address, tls_certs.client_context()) as sock,
+    ):
+        assert round_trip(sock, b"forked\n") == b"forked\n"
+        assert sock.version() in ("TLSv1.2", "TLSv1.3")
+
+
+def test_unix_stream_server(tls_certs: CertSet, tmp_path: Path) -> None:
+    """TLS composes with a Unix-domain stream server as with TCP."""
+
+    class UnixTLSServer(Recording, TLSMixIn, servekit.ThreadingMixIn, servekit.UnixStreamServer):
+        pass
+
+    path = str(tmp_path / "tls.sock")
+    keys = {"certfile": str(tls_certs.server.cert), "keyfile": str(tls_certs.server.key)}
+    with (
+        UnixTLSServer(path, Echo, **keys) as server,
+        serving(server),
+        tls_connect(path, tls_certs.client_context()) as sock,
+    ):
+        assert round_trip(sock, b"over unix\n") == b"over unix\n"
+
+
+def test_handler_error_goes_to_handle_error(tls_certs: CertSet, tls_log: LogWatcher) -> None:
+    """An exception in the handler after a good handshake is the server's to report (handle_error),
+    not a TLS failure."""
+    with (
+        running(tls_certs, Failing) as server,
+        tls_connect(server.server_address, tls_certs.client_context()) as sock,
+    ):
+        assert read_to_eof(sock) == b""
+        server.handled.get(timeout=CLIENT_TIMEOUT)
+    # serving() has joined the request thread, so handle_error() has run.
+    assert [type(e) for e in server.handler_errors] == [RuntimeError]
+    assert tls_log.messages() == []
+
+
+def test_alpn_protocol_is_negotiated(tls_certs: CertSet) -> None:
+    """alpn_protocols offers protocols by name, and the handler sees the one chosen."""
+    context = tls_certs.client_context()
+    context.set_alpn_protocols(["http/1.1"])
+    with (
+        running(tls_certs, alpn_protocols=("h2", "http/1.1")) as server,
+        tls_connect(server.server_address, context) as sock,
+    ):
+        assert round_trip(sock, b"x\n") == b"x\n"
+        info = server.handled.get(timeout=CLIENT_TIMEOUT)
+    assert info is not None and info.alpn_protocol == "http/1.1"
+
+
+# -- mutual TLS --------------------------------------------------------------------------
+
+
+def test_handler_sees_client_certificate(tls_certs: CertSet) -> None:
+    """With client_ca set, the handler sees the verified client certificate's subject."""
+    context = tls_certs.client_context(tls_certs.client)
+    with (
+        running(tls_certs, OneLine, client_ca=str(tls_certs.ca)) as server,
+        tls_connect(server.server_address, context) as sock,
+    ):
+        assert round_trip(sock, b"who\n") == b"who client-1 cert\n"
+        info = server.handled.get(timeout=CLIENT_TIMEOUT)
+    assert info is not None
+    assert info.peer_subject == {"commonName": "client-1"}
+    assert info.peer_certificate_der is not None
+
+
+def test_client_without_certificate_is_refused(tls_certs: CertSet, tls_log: LogWatcher) -> None:
+    """When a client certificate is required, a client without one is closed and logged, and neither
+    the handler nor handle_error runs."""
+    context = tls_certs.client_context()
+    with running(tls_certs, OneLine, client_ca=str(tls_certs.ca)) as server:
+        with connect(server.server_address, CLIENT_TIMEOUT) as raw:
+            port = raw.getsockname()[1]
+            # A TLS 1.3 client finishes its side first and hears the refusal on first read.
+            with (
+                contextlib.suppress(ssl.SSLError, ConnectionError),
+                context.wrap_socket(raw, server_hostname="localhost") as sock,
+            ):
+                assert not read_to_eof(sock)
+        record = tls_log.wait_for("client sent no certificate and one is required")
+    assert record.levelno == logging.INFO
+    assert record.getMessage().startswith(f"TLS handshake with 127.0.0.1:{port} failed")
+    assert server.handled.empty()
+    assert server.handler_errors == []
+
+
+def test_untrusted_client_certificate_is_refused(tls_certs: CertSet, tls_log: LogWatcher) -> None:
+    """A client certificate from a CA not in client_ca is refused with the verification reason."""
+    context = tls_certs.client_context(tls_certs.stranger)
+    with running(tls_certs, OneLine, client_ca=str(tls_certs.ca)) as server:
+        with (
+            contextlib.suppress(ssl.SSLError, ConnectionError),
+            tls_connect(server.server_address, context) as sock,
+        ):
+            assert not read_to_eof(sock)
+        tls_log.wait_for("client certificate rejected: unable to get local issuer certificate")
+    assert server.handled.empty()
+    assert server.handler_errors == []
+
+
+def test_optional_client_certificate(tls_certs: CertSet) -> None:
+    """With require_client_cert=False, clients with and without a certificate are both served."""
+    with running(
+        tls_certs, OneLine, client_ca=str(tls_certs.ca), require_client_cert=False
+    ) as server:
+        with tls_connect(server.server_address, tls_certs.client_context()) as sock:
+            assert round_trip(sock, b"a\n") == b"a - nocert\n"
+        identified = tls_certs.client_context(tls_certs.client)
+        with tls_connect(server.server_address, identified) as sock:
+            assert round_trip(sock, b"b\n") == b"b client-1 cert\n"
+
+
+# -- failed handshakes -------------------------------------------------------------------
+
+
+def test_stalled_client_does_not_block_others_and_is_cut_off(
+    tls_certs: CertSet, tls_log: LogWatcher
+) -> None:
+    """A client that connects and sends nothing does not delay another client, and is closed after
+    handshake_timeout."""
+    timeout = 0.5
+    with running(tls_certs, handshake_timeout=timeout) as server:
+        with connect(server.server_address, CLIENT_TIMEOUT) as stalled:
+            started = time.monotonic()
+            with tls_connect(server.server_address, tls_certs.client_context()) as other:
+                assert round_trip(other, b"not blocked\n") == b"not blocked\n"
+            assert not closed_within(stalled, 0), "served the other client only after the stall"
+            assert closed_within(stalled, CLIENT_TIMEOUT)
+            waited = time.monotonic() - started
+        record = tls_log.wait_for("handshake not completed within 0.5s")
+    # The server's clock starts after our connect(), so it cannot have cut us off sooner.
+    assert timeout * 0.9 <= waited < CLIENT_TIMEOUT
+    assert record.getMessage().startswith("TLS handshake with 127.0.0.1:")
+    assert server.handled.qsize() == 1  # the other client only
+    assert server.handler_errors == []
+
+
+def test_plaintext_http_gets_400_and_is_logged(
+    tls_certs: CertSet, caplog: pytest.LogCaptureFixture, tls_log: LogWatcher
+) -> None:
+    """A plaintext HTTP request on the TLS port gets a 400 that says to use https, and the log names
+    the client and the reason."""
+    caplog.set_level(logging.INFO, logger="servekit.tls")
+    with running(tls_certs) as server, connect(server.server_address, CLIENT_TIMEOUT) as sock:
+        port = sock.getsockname()[1]
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        response = read_to_eof(sock)
+        tls_log.wait_for("plaintext HTTP request")
+    assert response is not None
+    assert response.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert response.endswith(b"This port expects TLS: retry with https://\n")
+    [record] = [r for r in caplog.records if r.name == "servekit.tls"]
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == (
+        f"TLS handshake with 127.0.0.1:{port} failed: plaintext HTTP request on the TLS port"
+    )
+    assert server.handled.empty()
+    assert server.handler_errors == []
+
+
+def test_plaintext_other_protocol_is_closed(tls_certs: CertSet, tls_log: LogWatcher) -> None:
+    """A client speaking another protocol is closed without a reply, and the log says it did not
+    start TLS."""
+    with (
+        running(tls_certs, plaintext_http_reply=False) as server,
+        connect(server.server_address, CLIENT_TIMEOUT) as sock,
+    ):
+        sock.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+        assert not read_to_eof(sock)  # EOF or reset, never data
+        tls_log.wait_for("client did not start a TLS handshake (plaintext or another protocol)")
+    assert server.handled.empty()
+    assert server.handler_errors == []
+
+
+def test_client_that_resets_at_once(tls_certs: CertSet, tls_log: LogWatcher) -> None:
+    """A client that connects and resets (a port scan) is logged as the peer's doing, not as a
+    server error."""
+    with running(tls_certs) as server:
+        sock = connect(server.server_address, CLIENT_TIMEOUT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # linger 0: RST instead of FIN
+        record = tls_log.wait_for("TLS handshake with 127.0.0.1:")
+    assert "client disconnected before the handshake" in record.getMessage() or (
+        "client reset the connection" in record.getMessage()
+    )
+    assert server.handled.empty()
+    assert server.handler_errors == []
+
+
+def test_client_rejecting_our_certificate_is_a_warning(
+    tls_certs: CertSet, tls_log: LogWatcher
+) -> None:
+    """A client that does not trust the server certificate is logged as a warning, since it usually
+    means our certificate is wrong."""
+    distrustful = ssl.create_default_context(cafile=str(tls_certs.client.cert))
+    with running(tls_certs) as server:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            tls_connect(server.server_address, distrustful)
+        record = tls_log.wait_for("client rejected the server certificate")
+    assert record.levelno == logging.WARNING
+    assert "unknown ca" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [
+        ("HTTP_REQUEST", "plaintext HTTP request on the TLS port"),
+        ("HTTPS_PROXY_REQUEST", "plaintext HTTP CONNECT (proxy) request on the TLS port"),
+        ("WRONG_VERSION_NUMBER", "client did not start a TLS handshake"),
+        ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "client sent no certificate and one is required"),
+        ("UNSUPPORTED_PROTOCOL", "no TLS version in common (unsupported_protocol)"),
+        ("NO_SHARED_CIPHER", "no cipher suite in common"),
+        ("TLSV1_ALERT_UNKNOWN_CA", "client rejected the server certificate (unknown ca)"),
+        ("SSLV3_ALERT_CERTIFICATE_EXPIRED", "client rejected the server certificate"),
+        ("TLSV1_ALERT_INTERNAL_ERROR", "client aborted the handshake (alert: internal error)"),
+        ("SOMETHING_NEW", "handshake failed: SOMETHING_NEW"),
+    ],
+)
+def test_handshake_error_reasons(reason: str, expected: str) -> None:
+    """Each OpenSSL reason maps to a one-line explanation; only rejections of our certificate are
+    warnings."""
+    exc = ssl.SSLError(1, f"[SSL: {reason}] ...")
+    exc.reason = reason
+    level, text = describe_handshake_error(exc)
+    assert text.startswith(expected)
+    assert level == (logging.WARNING if "rejected the server" in expected else logging.INFO)
+
+
+def test_other_handshake_error_reasons() -> None:
+    """Timeouts, EOFs and resets are described by what the client did."""
+    assert describe_handshake_error(TimeoutError(), timeout=2.5) == (
+        logging.INFO,
+        "handshake not completed within 2.5s",
+    )
+    eof = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+    assert describe_handshake_error(eof)[1] == "client closed the connection during the handshake"
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    assert describe_handshake_error(reset)[1] == "client reset the connection during the handshake"
+
+
+# -- reloading ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rotating_files(tls_certs: CertSet, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of server-1's certificate and key that a test may overwrite."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copyfile(tls_certs.server.cert, cert)
+    shutil.copyfile(tls_certs.server.key, key)
+    return cert, key
+
+
+def install(source: Path, target: Path) -> None:
+    """Replace target atomically, as a deployment tool would."""
+    staging = target.with_suffix(".new")
+    shutil.copyfile(source, staging)
+    os.replace(staging, target)
+
+
+def test_reload_rotates_certificate_for_new_connections(
+    tls_certs: CertSet, rotating_files: tuple[Path, Path], tls_log: LogWatcher
+) -> None:
+    """After reload_tls() a new connection gets the new certificate, while one already open keeps
+    working."""
+    cert, key = rotating_files
+    context = tls_certs.client_context()
+    with (
+        running(tls_certs, certfile=str(cert), keyfile=str(key)) as server,
+        tls_connect(server.server_address, context) as before,
+    ):
+        assert round_trip(before, b"one\n") == b"one\n"
+        assert common_name(before.getpeercert()) == "server-1"
+        old = server.tls_context
+        install(tls_certs.server2.cert, cert)
+        install(tls_certs.server2.key, key)
+        assert server.reload_tls() is server.tls_context is not old
+        with tls_connect(server.server_address, context) as after:
+            assert common_name(after.getpeercert()) == "server-2"
+            assert round_trip(after, b"two\n") == b"two\n"
+        assert round_trip(before, b"still here\n") == b"still here\n"
+    tls_log.wait_for(f"TLS context reloaded from certfile={str(cert)!r}")
+
+
+def test_failed_reload_keeps_old_context(
+    tls_certs: CertSet, rotating_files: tuple[Path, Path]
+) -> None:
+    """A reload whose files cannot be loaded raises an error naming the file and the problem, and
+    the server keeps its certificate."""
+    cert, key = rotating_files
+    with running(tls_certs, certfile=str(cert), keyfile=str(key)) as server:
+        old = server.tls_context
+        cert.write_text("not a certificate\n")
+        with pytest.raises(TLSConfigError, match=r"cannot load certfile=.*cert\.pem.*PEM"):
+            server.reload_tls()
+        # Half a rotation: the new certificate with the old key.
+        install(tls_certs.server2.cert, cert)
+        with pytest.raises(TLSConfigError, match="private key does not belong to the certificate"):
+            server.reload_tls()
+        assert server.tls_context is old
+        with tls_connect(server.server_address, tls_certs.client_context()) as sock:
+            assert common_name(sock.getpeercert()) == "server-1"
+            assert round_trip(sock, b"ok\n") == b"ok\n"
+
+
+def test_reload_with_a_given_context(tls_certs: CertSet) -> None:
+    """A server built from ssl_context reloads by being handed the next context; without one it says
+    so."""
+    first = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    first.load_cert_chain(tls_certs.server.cert, tls_certs.server.key)
+    second = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    second.load_cert_chain(tls_certs.server2.cert, tls_certs.server2.key)
+    with running(tls_certs, ssl_context=first) as server:
+        with pytest.raises(TLSConfigError, match="pass the new context instead"):
+            server.reload_tls()
+        server.reload_tls(second)
+        with tls_connect(server.server_address, tls_certs.client_context()) as sock:
+            assert common_name(sock.getpeercert()) == "server-2"
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+def test_datagram_server_is_refused() -> None:
+    """A datagram server with TLSMixIn fails at construction: DTLS is out of scope."""
+
+    class DatagramTLSServer(TLSMixIn, servekit.ThreadingMixIn, servekit.UDPServer):
+        pass
+
+    with pytest.raises(TLSConfigError, match="DTLS is out of scope"):
+        DatagramTLSServer((LOCALHOST, 0), servekit.DatagramRequestHandler, certfile="x.pem")
+
+
+def test_configuration_errors(tls_certs: CertSet, tmp_path: Path) -> None:
+    """Missing certificates, conflicting settings and client contexts are refused with a message
+    that names the setting."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({}, "needs a certificate: pass certfile="),
+        ({"keyfile": str(tls_certs.server.key)}, "keyfile is set without certfile"),
+        ({"certfile": str(tmp_path / "missing.pem")}, "missing.pem'.*No such file"),
+        ({"ssl_context": context, "certfile": "x.pem"}, "ssl_context is set, so certfile"),
+        ({"ssl_context": ssl.create_default_context()}, "is a client context"),
+        ({"handshake_timeout": 0}, "handshake_timeout=0: must be greater than 0"),
+        ({"alpn_protocols": "h2"}, "not one string"),
+    ]
+    for knobs, message in cases:
+        with pytest.raises(SettingError, match=message):
+            ThreadingTLSServer((LOCALHOST, 0), Echo, **knobs)
+
+
+def test_failed_construction_closes_the_listener(tmp_path: Path) -> None:
+    """When the certificate cannot be loaded, the socket the constructor bound is closed again."""
+    before = set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    if before is None:
+        pytest.skip("needs /proc/self/fd")
+    with pytest.raises(TLSConfigError):
+        ThreadingTLSServer((LOCALHOST, 0), Echo, certfile=str(tmp_path / "missing.pem"))
+    assert set(os.listdir("/proc/self/fd")) <= before
