@@ -124,7 +124,8 @@ def listen_fds(
 
     Raises SystemdEnvironmentError if a variable is malformed, or a descriptor is not
     open or is not a socket (a FIFO from ListenFIFO=, say); no descriptor is adopted then.
-    environ defaults to os.environ.
+    environ defaults to os.environ. Call it once: every call adopts the descriptors anew,
+    and two socket objects owning one descriptor would close it twice.
     """
     env = os.environ if environ is None else environ
     try:

@@ -336,7 +336,7 @@ def test_is_socket_activated_reads_without_consuming() -> None:
 # sets LISTEN_PID to its own pid, then calls listen_fds() and reports what it found.
 CHILD = textwrap.dedent(
     """
-    import fcntl, json, os, socket, sys
+    import fcntl, json, os, sys
     from servekit import systemd
     from servekit.protocols.systemd import LISTEN_VARIABLES
 

@@ -300,7 +300,7 @@ def reloading_message(monotonic_usec: int, status: str | None = None) -> str:
 
 
 def status_message(text: str) -> str:
-    """STATUS=text, escaped and cut to fit (see escape_status)."""
+    """STATUS=text, escaped and cut to fit (see escape_status); "" clears the status."""
     return _with_status([], text)
 
 
