@@ -2,11 +2,17 @@
 
 ``import servekit as socketserver`` gives every public name of the standard library's
 socketserver (Python 3.13) with the same behaviour. ``servekit.__all__`` is exactly
-socketserver's, so ``from servekit import *`` is a drop-in too; the production layer
-(thread pools, pre-forked workers, TLS, PROXY protocol, ...) is imported by name.
+socketserver's, so ``from servekit import *`` is a drop-in too.
+
+The production layer (thread pools, pre-forked workers, ...) is imported by name, e.g.
+``from servekit import ThreadPoolMixIn``; those names load their module on first use,
+so ``import servekit`` alone loads only the standard-library-only core.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from servekit.core import *  # noqa: F403 - socketserver's public names
 from servekit.core import SOCKETSERVER_ALL as _SOCKETSERVER_ALL
@@ -16,6 +22,37 @@ from servekit.install import install as install
 from servekit.install import installed as installed
 from servekit.install import uninstall as uninstall
 
+if TYPE_CHECKING:
+    from servekit.pool import ThreadPoolMixIn as ThreadPoolMixIn
+    from servekit.pool import ThreadPoolTCPServer as ThreadPoolTCPServer
+    from servekit.pool import ThreadPoolUDPServer as ThreadPoolUDPServer
+    from servekit.pool import ThreadPoolUnixDatagramServer as ThreadPoolUnixDatagramServer
+    from servekit.pool import ThreadPoolUnixStreamServer as ThreadPoolUnixStreamServer
+    from servekit.pool import WorkerPool as WorkerPool
+    from servekit.prefork import PreforkMixIn as PreforkMixIn
+    from servekit.supervisor import Supervisor as Supervisor
+
 __version__ = "0.1.0.dev0"
 
 __all__ = list(_SOCKETSERVER_ALL)
+
+# Production names and the module that defines each; loaded on first access (PEP 562).
+_LAZY = {
+    "ThreadPoolMixIn": "servekit.pool",
+    "ThreadPoolTCPServer": "servekit.pool",
+    "ThreadPoolUDPServer": "servekit.pool",
+    "ThreadPoolUnixStreamServer": "servekit.pool",
+    "ThreadPoolUnixDatagramServer": "servekit.pool",
+    "WorkerPool": "servekit.pool",
+    "PreforkMixIn": "servekit.prefork",
+    "Supervisor": "servekit.supervisor",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'servekit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -139,7 +139,9 @@ def _settings(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, An
     for name, knob in knobs.items():
         given = getattr(args, name, None)
         if given is not None:
-            values[name] = knob.validate(given) if isinstance(given, bool) else knob.from_string(given)
+            values[name] = (
+                knob.validate(given) if isinstance(given, bool) else knob.from_string(given)
+            )
     return values
 
 

@@ -18,7 +18,7 @@ import socket
 from servekit.core import TCPServer, UDPServer
 from servekit.pool import ThreadPoolMixIn
 
-__all__ = ["socket_server_type", "server_class"]
+__all__ = ["server_class", "socket_server_type"]
 
 
 def socket_server_type(kind: str) -> type[TCPServer]:

@@ -165,8 +165,8 @@ class WorkerPool:
         while True:
             if task is None:
                 task = self._wait_for_task(worker)
-                if task is None or task is _STOP:
-                    return
+            if task is None or task is _STOP:
+                return
             fn, args = task
             try:
                 fn(*args)

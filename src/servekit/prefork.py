@@ -137,7 +137,7 @@ class PreforkMixIn(Configurable, _MixinBase):
         )
         self.__dict__["_servekit_supervisor"] = supervisor
         try:
-            supervisor.run(wakeup=wakeup, should_stop=lambda: self._stop_requested)
+            supervisor.run(wakeup=wakeup, should_stop=self._stop_requested)
         finally:
             self.__dict__["_servekit_supervisor"] = None
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar, cast
 
@@ -142,14 +141,20 @@ def optional_positive(value: Any) -> str | None:
     return None if value is None or value > 0 else "must be greater than 0, or None"
 
 
-@functools.cache
+_KNOBS_BY_CLASS: dict[type, dict[str, Knob[Any]]] = {}
+
+
 def knobs_of(cls: type) -> dict[str, Knob[Any]]:
     """Every knob declared on cls or its bases, by name; the most derived wins."""
+    cached = _KNOBS_BY_CLASS.get(cls)
+    if cached is not None:
+        return cached
     found: dict[str, Knob[Any]] = {}
     for klass in reversed(cls.__mro__):
         for name, value in vars(klass).items():
             if isinstance(value, Knob):
                 found[name] = value
+    _KNOBS_BY_CLASS[cls] = found
     return found
 
 

@@ -378,7 +378,7 @@ class Supervisor:
             for key, _ in events:
                 if key.data is None:
                     self._drain(key.fileobj)  # type: ignore[arg-type]
-                elif key.data is self._external_wakeup:
+                elif key.data is self._external_wakeup and key.data is not None:
                     key.data.drain()
                     if self._should_stop is not None and self._should_stop():
                         self.handle_term()

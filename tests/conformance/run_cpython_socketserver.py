@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
     if suite_module.socketserver is not servekit:
         print("conformance: test_socketserver did not import servekit", file=sys.stderr)
         return 3
-    if not servekit.TCPServer.__module__ == "socketserver":
+    if servekit.TCPServer.__module__ != "socketserver":
         print("conformance: install() did not take effect", file=sys.stderr)
         return 3
 

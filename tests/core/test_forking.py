@@ -19,8 +19,9 @@ class LineEcho(servekit.StreamRequestHandler):
 
 def test_forking_round_trip_and_children_reaped() -> None:
     """Each request runs in a child process; server_close() leaves no child behind."""
-    with servekit.ForkingTCPServer((LOCALHOST, 0), LineEcho) as server, serving(
-        server, poll_interval=0.05
+    with (
+        servekit.ForkingTCPServer((LOCALHOST, 0), LineEcho) as server,
+        serving(server, poll_interval=0.05),
     ):
         for i in range(5):
             with connect(server.server_address) as sock, sock.makefile("rb") as reader:

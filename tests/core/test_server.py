@@ -72,7 +72,9 @@ def test_shutdown_from_handler_on_loop_thread_stops_after_request() -> None:
             handled.set()
 
     server = servekit.TCPServer((LOCALHOST, 0), Quit)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 60}, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 60}, daemon=True
+    )
     thread.start()
     try:
         assert roundtrip(server.server_address) == b"bye\n"
@@ -104,7 +106,9 @@ def test_shutdown_from_handler_in_handle_request_returns() -> None:
 def test_legacy_shutdown_request_flag_stops_loop() -> None:
     """Setting _BaseServer__shutdown_request = True, as some code does with the stdlib, stops the loop promptly."""
     server = servekit.TCPServer((LOCALHOST, 0), LineEcho)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 60}, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 60}, daemon=True
+    )
     thread.start()
     try:
         assert server.wait_serving(5)

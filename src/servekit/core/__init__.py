@@ -3,17 +3,20 @@
 # of servekit, so no production feature can break ``import servekit as socketserver``.
 from __future__ import annotations
 
-from servekit.core import composed as _composed
-from servekit.core.composed import *  # noqa: F403 - the platform-dependent set
-from servekit.core.forking import ForkingMixIn
-from servekit.core.handlers import (
-    BaseRequestHandler,
-    DatagramRequestHandler,
-    StreamRequestHandler,
-)
-from servekit.core.server import BaseServer, ServerState
-from servekit.core.sockets import TCPServer, UDPServer
-from servekit.core.threads import ThreadingMixIn
+import os
+import socket
+
+from servekit.core.composed import ThreadingTCPServer as ThreadingTCPServer
+from servekit.core.composed import ThreadingUDPServer as ThreadingUDPServer
+from servekit.core.forking import ForkingMixIn as ForkingMixIn
+from servekit.core.handlers import BaseRequestHandler as BaseRequestHandler
+from servekit.core.handlers import DatagramRequestHandler as DatagramRequestHandler
+from servekit.core.handlers import StreamRequestHandler as StreamRequestHandler
+from servekit.core.server import BaseServer as BaseServer
+from servekit.core.server import ServerState as ServerState
+from servekit.core.sockets import TCPServer as TCPServer
+from servekit.core.sockets import UDPServer as UDPServer
+from servekit.core.threads import ThreadingMixIn as ThreadingMixIn
 
 # socketserver.__all__ of Python 3.13, filtered the same way by platform.
 SOCKETSERVER_ALL: list[str] = [
@@ -27,10 +30,16 @@ SOCKETSERVER_ALL: list[str] = [
     "DatagramRequestHandler",
     "ThreadingMixIn",
 ]
-if hasattr(_composed, "ForkingTCPServer"):
+if hasattr(os, "fork"):
+    from servekit.core.composed import ForkingTCPServer as ForkingTCPServer
+    from servekit.core.composed import ForkingUDPServer as ForkingUDPServer
+
     SOCKETSERVER_ALL += ["ForkingUDPServer", "ForkingTCPServer", "ForkingMixIn"]
-if hasattr(_composed, "ThreadingUnixStreamServer"):
-    from servekit.core.sockets import UnixDatagramServer, UnixStreamServer
+if hasattr(socket, "AF_UNIX"):
+    from servekit.core.composed import ThreadingUnixDatagramServer as ThreadingUnixDatagramServer
+    from servekit.core.composed import ThreadingUnixStreamServer as ThreadingUnixStreamServer
+    from servekit.core.sockets import UnixDatagramServer as UnixDatagramServer
+    from servekit.core.sockets import UnixStreamServer as UnixStreamServer
 
     SOCKETSERVER_ALL += [
         "UnixStreamServer",
@@ -38,7 +47,12 @@ if hasattr(_composed, "ThreadingUnixStreamServer"):
         "ThreadingUnixStreamServer",
         "ThreadingUnixDatagramServer",
     ]
-    if hasattr(_composed, "ForkingUnixStreamServer"):
+    if hasattr(os, "fork"):
+        from servekit.core.composed import ForkingUnixDatagramServer as ForkingUnixDatagramServer
+        from servekit.core.composed import ForkingUnixStreamServer as ForkingUnixStreamServer
+
         SOCKETSERVER_ALL += ["ForkingUnixStreamServer", "ForkingUnixDatagramServer"]
 
-__all__ = [*SOCKETSERVER_ALL, "SOCKETSERVER_ALL", "ServerState"]
+# Computed like socketserver's own, so it matches the platform exactly.
+__all__ = ["SOCKETSERVER_ALL", "ServerState"]
+__all__ += SOCKETSERVER_ALL  # noqa: PLE0605

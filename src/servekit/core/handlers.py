@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # collections.abc.Buffer from 3.12 on
@@ -55,7 +55,7 @@ class _SocketWriter(io.BufferedIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, b: Buffer) -> int:  # type: ignore[override]
+    def write(self, b: Buffer) -> int:
         self._sock.sendall(b)
         with memoryview(b) as view:
             return view.nbytes
@@ -87,11 +87,11 @@ class StreamRequestHandler(BaseRequestHandler):
             self.connection.settimeout(self.timeout)
         if self.disable_nagle_algorithm:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        self.rfile = self.connection.makefile("rb", self.rbufsize)
+        self.rfile = cast(io.BufferedIOBase, self.connection.makefile("rb", self.rbufsize))
         if self.wbufsize == 0:
             self.wfile = _SocketWriter(self.connection)
         else:
-            self.wfile = self.connection.makefile("wb", self.wbufsize)
+            self.wfile = cast(io.BufferedIOBase, self.connection.makefile("wb", self.wbufsize))
 
     def finish(self) -> None:
         if not self.wfile.closed:

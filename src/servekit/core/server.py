@@ -143,7 +143,7 @@ class BaseServer:
             selector.register(wakeup, selectors.EVENT_READ, None)
             listeners = tuple(self._listeners())
             watching = False
-            while not self._stop_requested:
+            while not self._stop_requested():
                 now = time.monotonic()
                 want = not self.__accept_holds and not self.__backoff.paused(now)
                 if want != watching:
@@ -157,17 +157,16 @@ class BaseServer:
                 if self.__backoff.resume_at is not None:
                     timeout = max(0.0, min(timeout, self.__backoff.resume_at - now))
                 events = selector.select(timeout)
-                if self._stop_requested:
+                if self._stop_requested():
                     break
                 for key, _ in events:
                     if key.data is None:
                         wakeup.drain()
-                    elif not self.__accept_holds and not self._stop_requested:
+                    elif not self.__accept_holds and not self._stop_requested():
                         self._ready_listener = key.data
                         self._handle_request_noblock()
                 self.service_actions()
 
-    @property
     def _stop_requested(self) -> bool:
         """True once shutdown() or request_shutdown() asked the running loop to stop."""
         return self.__state is not ServerState.SERVING or self.__stop_soon
@@ -351,7 +350,7 @@ class BaseServer:
 
     def _handle_request_timeout(self) -> float | None:
         sock = getattr(self, "socket", None)
-        timeout = sock.gettimeout() if sock is not None else None
+        timeout: float | None = sock.gettimeout() if sock is not None else None
         if timeout is None:
             return self.timeout
         if self.timeout is not None:
@@ -399,6 +398,10 @@ class BaseServer:
 
     def handle_timeout(self) -> None:
         """Called if no new request arrives within self.timeout. May be overridden."""
+
+    def get_request(self) -> tuple[Any, Any]:
+        """Return (request, client_address) for one request. Must be overridden."""
+        raise NotImplementedError
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Return True to process the request. May be overridden."""
