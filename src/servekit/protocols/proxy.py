@@ -10,9 +10,11 @@
 # sent to a PROXY port is rejected after its first byte instead of being left waiting
 # (spec section 2.1: "abort the connection as soon as possible"). NeedData is returned
 # only while more bytes could still complete a valid header, and carries a lower bound
-# on the total length (exact for v2, whose length field says it). Fields that are
-# complete are checked as soon as they are seen; a v1 line whose CRLF has not arrived
-# yet, or a v2 TLV that is partly there, is checked as far as it goes.
+# on the total length (exact for v2, whose length field says it). Each field is checked
+# as soon as it is seen, a v1 field even while it is still growing; a v2 TLV is held to
+# the header's declared length (and its type's size rules) as soon as its own 3-byte
+# header is there. Only what needs the whole header waits for it: the CRC32C, and the
+# sub-TLVs of an SSL TLV.
 #
 # Decisions where the specification leaves room, each with its reason:
 #   * v1 numbers with leading zeros ("010.0.0.1", port "080") are rejected: the spec
@@ -89,6 +91,7 @@ __all__ = [
     "ProxyProtocolError",
     "SSLInfo",
     "Transport",
+    "V1Transport",
     "build_ssl_value",
     "build_v1",
     "build_v2",
@@ -500,15 +503,15 @@ def _check_v1_line(content: bytes, *, complete: bool) -> tuple[bytes, list[bytes
     name = proto.decode("ascii")
     specs = _V1_FIELDS[proto]
     fields = tail.split(b" ") if space else []
-    if len(fields) > len(specs):
-        raise ProxyProtocolError(
-            f"v1 {name} header has more than {len(specs)} fields after the protocol; fields "
-            f"are separated by exactly one space: {_quote(content)}"
-        )
     minimum = len(content) + 2
     for index, field in enumerate(fields):
-        label, checker, _shortest, description = specs[index]
         partial = not complete and index == len(fields) - 1
+        if index == len(specs):
+            raise ProxyProtocolError(
+                f"v1 {name} header has more than {len(specs)} fields after the protocol; "
+                f"fields are separated by exactly one space: {_quote(content)}"
+            )
+        label, checker, _shortest, description = specs[index]
         if not field and not partial:
             raise ProxyProtocolError(
                 f"v1 {name} header has an empty {label}; fields are separated by exactly "
@@ -660,6 +663,11 @@ def _v2_tlvs(buf: bytes, start: int, end: int) -> tuple[list[tuple[int, bytes]],
             raise ProxyProtocolError(
                 f"v2 UNIQUE_ID TLV at offset {offset} is {length} bytes long, more than the "
                 f"maximum of {UNIQUE_ID_MAX_LENGTH}"
+            )
+        if tlv_type == PP2_TYPE_SSL and length < _SSL_FIXED_LENGTH:
+            raise ProxyProtocolError(
+                f"v2 SSL TLV at offset {offset} is {length} bytes long, shorter than its "
+                f"{_SSL_FIXED_LENGTH}-byte client and verify fields"
             )
         if value_at + length > len(buf):
             break
@@ -845,7 +853,7 @@ def build_v2(
         crc_at = V2_HEADER_LENGTH + len(body)
         body += bytes((PP2_TYPE_CRC32C, 0, 4, 0, 0, 0, 0))
     for tlv_type, value in tlvs:
-        body += _tlv_bytes(tlv_type, value)
+        body += _checked_tlv(tlv_type, value)
     if len(body) > 0xFFFF:
         raise ValueError(
             f"v2 header needs {len(body)} bytes after the first 16, more than the 16-bit "
@@ -877,6 +885,7 @@ _crc32c = crc32c  # build_v2's keyword argument shadows the function's name.
 
 
 def _tlv_bytes(tlv_type: int, value: bytes) -> bytes:
+    """A TLV, or an SSL sub-TLV: type byte, 16-bit length, value."""
     value = bytes(value)
     if not 0 <= tlv_type <= 0xFF:
         raise ValueError(f"TLV type {tlv_type} does not fit one byte (0..255)")
@@ -885,6 +894,11 @@ def _tlv_bytes(tlv_type: int, value: bytes) -> bytes:
             f"TLV 0x{tlv_type:02x} value is {len(value)} bytes, more than its 16-bit "
             f"length holds ({0xFFFF})"
         )
+    return struct.pack("!BH", tlv_type, len(value)) + value
+
+
+def _checked_tlv(tlv_type: int, value: bytes) -> bytes:
+    """A header-level TLV, held to the rules parse() applies to its known types."""
     if tlv_type == PP2_TYPE_CRC32C:
         raise ValueError("pass crc32c=True rather than a CRC32C TLV: its value is computed")
     if tlv_type == PP2_TYPE_UNIQUE_ID and len(value) > UNIQUE_ID_MAX_LENGTH:
@@ -893,10 +907,10 @@ def _tlv_bytes(tlv_type: int, value: bytes) -> bytes:
         )
     if tlv_type == PP2_TYPE_SSL:
         try:
-            _parse_ssl(value, "SSL TLV")
+            _parse_ssl(bytes(value), "SSL TLV")
         except ProxyProtocolError as error:
             raise ValueError(str(error)) from None
-    return struct.pack("!BH", tlv_type, len(value)) + value
+    return _tlv_bytes(tlv_type, value)
 
 
 def _inet_endpoint(
