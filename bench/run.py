@@ -56,6 +56,14 @@ READY_TIMEOUT = 10.0
 # room for a pre-fork supervisor draining its workers.
 STOP_GRACE = 5.0
 SAMPLE_INTERVAL = 0.1
+# Other processes using a tenth of a CPU or more during a case: flag its figures. On an
+# idle machine the share is near 0.01 (the odd daemon wake-up).
+NOISY = 0.1
+# loadgen is one thread on one CPU; above this share it may be what limits a case.
+# 0.8, not 1.0: on loopback the receiving side's TCP work runs in the sender's
+# softirq, so loadgen's CPU also carries part of the server's kernel work, and the
+# churn case with echo_epoll levels off at about 0.85.
+LOADGEN_SATURATED = 0.8
 
 
 # -- what runs ----------------------------------------------------------------------
@@ -130,10 +138,11 @@ SCENARIOS = [
         "Ping-pong, 128 connections",
         "pingpong",
         explain="128 connections opened at once. A listen backlog smaller than the "
-        "burst drops SYNs; the client retransmits after 1 s, 3 s, 7 s, so "
-        "*unanswered* (connections with no echo in the measured window) and *slowest "
-        "first response* (from the first connect() to the first echo) show who is "
-        "left waiting.",
+        "burst drops SYNs (*listen drops*: the kernel's TcpExt ListenDrops during the "
+        "case) and the client retransmits them after 1 s, 3 s, 7 s ...; *unanswered* "
+        "(connections with no echo in the measured window) and *slowest first "
+        "response* (from the first connect() to the first echo) show who is left "
+        "waiting. Throughput counts only the connections that got in.",
     ),
     Scenario(
         "churn",
@@ -141,7 +150,9 @@ SCENARIOS = [
         "churn",
         explain="Each slot connects, sends one line, reads the echo and closes "
         "(RST, see loadgen.c), then starts over. Latency is the whole connection. A "
-        "connection unanswered after 1 s counts as a timeout error.",
+        "connection unanswered after 1 s counts as a timeout error (1 s is also Linux's "
+        "first SYN retransmission, so a slot whose SYN the backlog dropped times out "
+        "instead of waiting); *starved slots* completed nothing in the measured window.",
     ),
     Scenario(
         "udp",
@@ -177,6 +188,7 @@ class Settings:
     hold_ramp: float = 60.0  # longest ramp-up
     hold_stall: float = 5.0  # ramp ends after this long without a new echo
     hold_bound: float = 30.0  # loadgen lets go by itself after this long holding
+    quiet_wait: float = 10.0  # before each case, wait this long at most for a quiet machine
 
     def conns(self, scenario: Scenario) -> int:
         if scenario.mode == "pingpong":
@@ -187,7 +199,9 @@ class Settings:
 
 
 FULL = Settings(warmup=2.0, duration=10.0)
-QUICK = Settings(warmup=0.2, duration=0.6, hold_conns=500, hold_ramp=10.0, hold_stall=1.5)
+QUICK = Settings(
+    warmup=0.2, duration=0.6, hold_conns=500, hold_ramp=10.0, hold_stall=1.5, quiet_wait=0.0
+)
 
 
 # -- processes ----------------------------------------------------------------------
@@ -427,6 +441,8 @@ def run_case(
 ) -> dict[str, Any]:
     log = LOGS / f"{contender.name}-{scenario.name}.log"
     record: dict[str, Any] = {"status": "ok"}
+    if settings.quiet_wait > 0 and contender.command() is not None:
+        record["other_cpu_before"] = round(wait_until_quiet(settings.quiet_wait), 3)
     try:
         with server_running(contender, scenario, pin, log) as (server, port, stop):
             record["stop"] = stop
@@ -434,9 +450,12 @@ def run_case(
                 record["server_affinity"] = psutil.Process(server.pid).cpu_affinity()
             idle = tree_memory(server.pid, with_pss=scenario.mode == "hold")
             record["idle"] = vars(idle)
-            load, peak, plateau = drive_load(scenario, settings, server.pid, port, pin)
+            drops_before = listen_drops()
+            load, peak, plateau, cpu = drive_load(scenario, settings, server.pid, port, pin)
+            record["listen_drops"] = listen_drops() - drops_before
             record["load"] = load
             record["peak"] = vars(peak)
+            record["cpu"] = cpu
             if plateau is not None:
                 record["plateau"] = vars(plateau)
     except NotAvailable as exc:
@@ -456,9 +475,13 @@ class LoadError(Exception):
 
 def drive_load(
     scenario: Scenario, settings: Settings, server_pid: int, port: int, pin: Pinning
-) -> tuple[dict[str, Any], Memory, Memory | None]:
-    """Run loadgen against port; return its JSON, the peak memory and, for hold, the
-    memory while every connection is held."""
+) -> tuple[dict[str, Any], Memory, Memory | None, dict[str, float]]:
+    """Run loadgen against port.
+
+    Returns its JSON, the peak memory, for hold the memory while every connection is
+    held, and the CPU used (1.0 = one CPU) by the server, by loadgen and by other
+    processes (see other_cpu_seconds) while the load ran.
+    """
     hold = scenario.mode == "hold"
     if hold:
         budget = settings.hold_ramp + settings.hold_bound
@@ -467,6 +490,8 @@ def drive_load(
     # loadgen ends by itself after `budget`; 15 s more covers startup and closing
     # 5,000 sockets before we call it hung.
     deadline = time.monotonic() + budget + 15.0
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_before = tree_cpu_seconds(server_pid)
     proc = subprocess.Popen(
         loadgen_argv(scenario, settings, port, pin),
         stdin=subprocess.PIPE if hold else subprocess.DEVNULL,
@@ -475,6 +500,12 @@ def drive_load(
         start_new_session=True,
     )
     assert proc.stderr is not None
+    ours = {server_pid, proc.pid}  # process groups: start_new_session=True for both
+    others_before = other_cpu_seconds(ours)
+    started = time.monotonic()
+    # The window closes at the hold plateau or when loadgen ends, whichever is first.
+    others_after: dict[int, float] | None = None
+    window = 0.0
     peak = Memory()
     plateau: Memory | None = None
     stderr = b""
@@ -495,9 +526,16 @@ def drive_load(
                     plateau = measure_plateau(server_pid)
                     peak = peak.peak(plateau)
                     assert proc.stdin is not None
+                    others_after = other_cpu_seconds(ours)
+                    server_after = tree_cpu_seconds(server_pid)
+                    window = time.monotonic() - started
                     with contextlib.suppress(BrokenPipeError):
                         proc.stdin.write(b"stop\n")
                         proc.stdin.flush()  # communicate() closes it
+            if others_after is None:
+                others_after = other_cpu_seconds(ours)
+                server_after = tree_cpu_seconds(server_pid)
+                window = time.monotonic() - started
             out, rest = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired as exc:
         raise LoadError(f"loadgen still running after {budget + 15:.0f} s") from exc
@@ -511,7 +549,97 @@ def drive_load(
         load: dict[str, Any] = json.loads(out)
     except ValueError as exc:
         raise LoadError(f"loadgen printed no JSON: {out[:200]!r}") from exc
-    return load, peak, plateau
+    # Only loadgen was reaped in between (servers are reaped after the case), so the
+    # growth of RUSAGE_CHILDREN is its CPU time.
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    loadgen_cpu = (children_after.ru_utime - children_before.ru_utime) + (
+        children_after.ru_stime - children_before.ru_stime
+    )
+    cpu = {
+        "server": round((server_after - server_before) / window, 3) if window else 0.0,
+        # loadgen runs a little longer than the window (closing, printing): an upper bound.
+        "loadgen": round(loadgen_cpu / window, 3) if window else 0.0,
+        "others": round(cpu_share(others_before, others_after, window), 3),
+    }
+    return load, peak, plateau, cpu
+
+
+def listen_drops() -> int:
+    """TcpExt ListenDrops from /proc/net/netstat: SYNs and handshakes the kernel
+    dropped because a listen queue was full (it includes ListenOverflows).
+
+    The counter covers the whole network namespace; during a case on a quiet machine
+    the only listener under load is ours.
+    """
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(row.get("ListenDrops", 0))
+    return 0
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by pid, its live descendants and the children it
+    reaped (a forking server's finished per-connection processes)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def other_cpu_seconds(our_groups: set[int]) -> dict[int, float]:
+    """CPU seconds used so far by every user-space process that is not ours.
+
+    Pinning keeps our load generator off the server's CPU, but not someone else's test
+    run: on a shared machine this is how a case finds out it was disturbed. Kernel
+    threads (process group 0) are left out: ksoftirqd doing our loopback traffic is
+    part of the measurement.
+    """
+    me = os.getpid()
+    used = {}
+    for proc in psutil.process_iter(["cpu_times"]):
+        try:
+            pgid = os.getpgid(proc.pid)
+        except ProcessLookupError:
+            continue
+        times = proc.info["cpu_times"]
+        if pgid == 0 or pgid in our_groups or proc.pid == me or times is None:
+            continue
+        used[proc.pid] = times.user + times.system
+    return used
+
+
+def cpu_share(before: dict[int, float], after: dict[int, float], wall: float) -> float:
+    """CPUs' worth of time (1.0 = one CPU) the processes in `after` used since `before`.
+
+    A process that started in between counts in full; one that ended in between is
+    missed, so this is a lower bound.
+    """
+    used = sum(t - before.get(pid, 0.0) for pid, t in after.items())
+    return max(0.0, used) / wall if wall > 0 else 0.0
+
+
+def wait_until_quiet(limit: float, threshold: float = 0.1) -> float:
+    """Wait (at most `limit` seconds) for a 0.5 s window in which other processes use
+    less than `threshold` of a CPU; return the last share seen."""
+    deadline = time.monotonic() + limit
+    while True:
+        before = other_cpu_seconds(set())
+        time.sleep(0.5)
+        share = cpu_share(before, other_cpu_seconds(set()), 0.5)
+        if share < threshold or time.monotonic() >= deadline:
+            return share
 
 
 def measure_plateau(server_pid: int) -> Memory:
@@ -687,6 +815,11 @@ def per_connection(record: dict[str, Any]) -> str:
 def columns(scenario: Scenario, n: int, ratio: Callable[[dict[str, Any]], str]) -> list[Column]:
     """The table layout of one scenario: (header, cell of a successful record)."""
     peak_rss: Column = ("peak RSS", lambda r: fmt_bytes(r["peak"]["rss"]))
+    listen: Column = ("listen drops", lambda r: fmt_int(r.get("listen_drops", 0)))
+    cpu: Column = (
+        "CPU server / loadgen",
+        lambda r: f"{r['cpu']['server']:.2f} / {r['cpu']['loadgen']:.2f}",
+    )
     rate = ("conn/s" if scenario.mode == "churn" else "req/s", lambda r: fmt_int(r["load"]["rate"]))
     if scenario.mode == "pingpong":
         return [
@@ -695,15 +828,27 @@ def columns(scenario: Scenario, n: int, ratio: Callable[[dict[str, Any]], str]) 
             *latency_columns(),
             ("unanswered", lambda r: f"{r['load']['unanswered']} / {n}"),
             ("slowest first response", lambda r: first_response(r["load"])),
+            listen,
             ("errors", lambda r: error_text(r["load"])),
+            cpu,
             peak_rss,
         ]
     if scenario.mode == "churn":
         errors: Column = ("errors", lambda r: error_text(r["load"]))
-        return [rate, ("vs stdlib", ratio), *latency_columns(), errors, peak_rss]
+        starved: Column = ("starved slots", lambda r: f"{r['load']['unanswered']} / {n}")
+        return [
+            rate,
+            ("vs stdlib", ratio),
+            *latency_columns(),
+            starved,
+            errors,
+            listen,
+            cpu,
+            peak_rss,
+        ]
     if scenario.mode == "udp":
         lost: Column = ("lost", lambda r: fmt_int(r["load"]["lost"]))
-        return [rate, ("vs stdlib", ratio), *latency_columns(), lost, peak_rss]
+        return [rate, ("vs stdlib", ratio), *latency_columns(), lost, cpu, peak_rss]
     return [
         ("answered", lambda r: f"{r['load']['answered']:,} / {r['load']['conns']:,}"),
         ("ramp-up", lambda r: f"{r['load']['ramp_s']:.2f} s"),
@@ -745,6 +890,19 @@ def scenario_table(
                     f"`{name}`: {load['conns'] - load['answered']:,} connections unanswered "
                     f"when the ramp-up stopped (no new echo for {settings.hold_stall:g} s)."
                 )
+        cpu = record.get("cpu", {})
+        if cpu.get("others", 0) >= NOISY:
+            notes.append(
+                f"`{name}`: other processes used {cpu['others']:.2f} CPU during this "
+                "case; its figures are disturbed."
+            )
+        if cpu.get("loadgen", 0) >= LOADGEN_SATURATED and scenario.mode != "hold":
+            notes.append(
+                f"`{name}`: loadgen used {cpu['loadgen']:.2f} of its CPU, so it may be the "
+                "limit here, not the server."
+            )
+        if record.get("stop", {}).get("sigkill"):
+            notes.append(f"`{name}`: did not exit within {STOP_GRACE:g} s of SIGTERM; killed.")
         if record.get("stderr_lines"):
             notes.append(
                 f"`{name}`: the server wrote {record['stderr_lines']} lines to stderr "
@@ -753,6 +911,21 @@ def scenario_table(
     if notes:
         lines += [""] + [f"- {note}" for note in notes]
     return lines
+
+
+def disturbance_warning(results: dict[str, Any]) -> list[str]:
+    """A warning paragraph if other processes disturbed some cases, else nothing."""
+    cases = [r for runs in results["runs"].values() for r in runs.values() if "cpu" in r]
+    noisy = [r for r in cases if r["cpu"]["others"] >= NOISY]
+    if not noisy:
+        return []
+    worst = max(r["cpu"]["others"] for r in noisy)
+    return [
+        f"**Warning: other processes used {NOISY:g} CPU or more during {len(noisy)} of "
+        f"{len(cases)} cases (up to {worst:.2f} CPU).** Those cases are marked below; "
+        "their figures understate the contenders. Rerun them on a quiet machine.",
+        "",
+    ]
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
@@ -782,9 +955,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"Timed scenarios: {settings.warmup:g} s warm-up, then {settings.duration:g} s "
         f"measured; {settings.size}-byte lines; latency percentiles from loadgen's "
         "1 µs histogram. Ratios are to `stdlib_threading` (socketserver.ThreadingTCPServer "
-        "as shipped). *Peak RSS* is the largest sum over the server's process tree "
-        f"sampled every {SAMPLE_INTERVAL:g} s.",
+        "as shipped). *Errors* and *listen drops* count the whole case, warm-up "
+        "included. *CPU server / loadgen* is CPU time over the measured time (1.00 = one "
+        "CPU). *Peak RSS* is the largest sum over the server's process tree sampled "
+        f"every {SAMPLE_INTERVAL:g} s.",
         "",
+        *disturbance_warning(results),
         "Contenders:",
         "",
     ]
@@ -802,11 +978,17 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def runs_of(results: dict[str, Any], scenario: Scenario) -> dict[str, Any]:
+    runs: dict[str, Any] = results["runs"].get(scenario.name, {})
+    return runs
+
+
 def write_chart(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     order = [c["name"] for c in results["contenders"]]
     timed = [s for s in SCENARIOS if s.mode != "hold" and s.name in results["runs"]]
@@ -818,34 +1000,57 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
     width = 0.8 / max(1, len(timed))
     for i, scenario in enumerate(timed):
         runs = results["runs"][scenario.name]
-        xs, ys = [], []
+        xs, ys, hatches = [], [], []
         for j, name in enumerate(order):
-            value = headline(scenario, runs.get(name, {}))
+            record = runs.get(name, {})
+            value = headline(scenario, record)
             if value:
                 xs.append(j + (i - (len(timed) - 1) / 2) * width)
                 ys.append(value)
+                starved = record["load"].get("unanswered", 0) > 0
+                hatches.append("///" if starved else "")
         unit = "conn/s" if scenario.mode == "churn" else "req/s"
-        ax.bar(xs, ys, width, label=f"{scenario.name} ({unit})")
+        bars = ax.bar(xs, ys, width, label=f"{scenario.name} ({unit})")
+        for bar, hatch in zip(bars, hatches, strict=True):
+            bar.set_hatch(hatch)
+    for j, name in enumerate(order):
+        if all(runs_of(results, s).get(name, {}).get("status") != "ok" for s in timed):
+            ax.text(j, 0.02, "n/a", transform=ax.get_xaxis_transform(), ha="center")
     ax.set_yscale("log")
+    # Headroom above the tallest bar for the legend (a factor of 20 on the log axis).
+    top = max((b.get_height() for b in ax.patches), default=1.0)
+    ax.set_ylim(top=top * 20)
     ax.set_xticks(range(len(order)), order, rotation=20, ha="right")
+    ax.set_xlim(-0.6, len(order) - 0.4)  # room for contenders without a bar (n/a)
     ax.set_ylabel("requests or connections per second (log)")
     ax.set_title("Throughput, server on one CPU")
     ax.grid(axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    handles, _labels = ax.get_legend_handles_labels()
+    starved = Patch(facecolor="white", edgecolor="black", hatch="///")
+    ax.legend(
+        [*handles, starved],
+        [*_labels, "hatched: some connections or slots got no answer"],
+        fontsize="small",
+        ncol=3,
+        loc="upper center",
+    )
     if hold is not None:
         runs = results["runs"][hold.name]
-        names, values, labels = [], [], []
+        values, labels = [], []
         for name in order:
             record = runs.get(name, {})
             if record.get("status") != "ok":
+                values.append(0.0)
+                labels.append("")
                 continue
-            plateau = record.get("plateau") or record["peak"]
-            names.append(name)
-            values.append(plateau["pss"] / (1 << 20))
+            values.append(held(record)["pss"] / (1 << 20))
             labels.append(f"{record['load']['answered']}/{record['load']['conns']}")
-        bars = ax_mem.bar(range(len(names)), values, color="tab:gray")
+        bars = ax_mem.bar(range(len(order)), values, color="tab:gray")
         ax_mem.bar_label(bars, labels, fontsize="x-small")
-        ax_mem.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        for j, value in enumerate(values):
+            if not value:
+                ax_mem.text(j, 0.02, "n/a", transform=ax_mem.get_xaxis_transform(), ha="center")
+        ax_mem.set_xticks(range(len(order)), order, rotation=30, ha="right")
         ax_mem.set_yscale("log")
         ax_mem.set_ylabel("PSS, MiB (log)")
         conns = Settings(**results["settings"]).hold_conns
@@ -888,6 +1093,12 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     parser.add_argument("--duration", type=float, help="measured seconds per timed case")
     parser.add_argument("--warmup", type=float, help="warm-up seconds per timed case")
     parser.add_argument("--hold-conns", type=int, help="connections for the hold scenario")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        help="seconds to wait at most, before each case, for other processes to go "
+        "quiet (default 10, 0 with --quick)",
+    )
     parser.add_argument("--server-cpu", type=int, default=1)
     parser.add_argument("--load-cpu", type=int, default=0)
     args = parser.parse_args(argv)
@@ -917,6 +1128,7 @@ def parse_args(argv: list[str] | None = None) -> Plan:
             ("duration", args.duration),
             ("warmup", args.warmup),
             ("hold_conns", args.hold_conns),
+            ("quiet_wait", args.quiet_wait),
         )
         if v is not None
     }
@@ -947,17 +1159,20 @@ def summary_line(scenario: Scenario, name: str, record: dict[str, Any]) -> str:
     if record["status"] != "ok":
         return f"{head} {record['status']}: {record.get('reason', '')}"
     load = record["load"]
+    cpu = record.get("cpu", {})
+    noise = f"  (other processes: {cpu.get('others', 0):.2f} CPU)"
+    noise = noise if cpu.get("others", 0) >= NOISY else ""
     if scenario.mode == "hold":
-        plateau = record.get("plateau") or record["peak"]
+        mem = held(record)
         return (
-            f"{head} answered {load['answered']}/{load['conns']}  RSS {fmt_bytes(plateau['rss'])}"
-            f"  PSS {fmt_bytes(plateau['pss'])}"
+            f"{head} answered {load['answered']}/{load['conns']}  RSS {fmt_bytes(mem['rss'])}"
+            f"  PSS {fmt_bytes(mem['pss'])}{noise}"
         )
     lat = load["latency_us"]
     extra = f"  unanswered {load['unanswered']}" if scenario.mode == "pingpong" else ""
     return (
         f"{head} {fmt_int(load['rate']):>9}/s  p50 {fmt_us(lat['p50'])}  "
-        f"p99 {fmt_us(lat['p99'])}  errors {load['errors']}{extra}"
+        f"p99 {fmt_us(lat['p99'])}  errors {load['errors']}{extra}{noise}"
     )
 
 

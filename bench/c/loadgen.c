@@ -587,8 +587,9 @@ static void run_timed(void)
             if (c->first_resp > 1000000000u)
                 over_1s++;
         }
-        /* Orderly close (FIN): the server's handlers end on a plain EOF. Client-side
-         * TIME_WAIT for at most a few thousand sockets is harmless. */
+        /* Plain close(): a FIN, or an RST if an echo arrived unread (Linux resets
+         * a socket closed with unread data); the handlers take either as the end.
+         * Client-side TIME_WAIT for at most a few thousand sockets is harmless. */
         close_conn(c, opt.mode == MODE_CHURN);
     }
     printf("{");
@@ -597,11 +598,13 @@ static void run_timed(void)
         printf(", \"lost\": %llu, \"late_replies\": %llu", (unsigned long long)errs.timeout,
                (unsigned long long)late_replies);
     }
+    /* Connections (slots) that completed nothing in the measured window. */
+    printf(", \"unanswered\": %llu", (unsigned long long)unanswered);
     if (opt.mode == MODE_PINGPONG) {
-        printf(", \"unanswered\": %llu, \"never_answered\": %llu, "
+        printf(", \"never_answered\": %llu, "
                "\"first_response_max_us\": %llu, \"first_response_over_1s\": %llu",
-               (unsigned long long)unanswered, (unsigned long long)never,
-               (unsigned long long)(first_max / 1000u), (unsigned long long)over_1s);
+               (unsigned long long)never, (unsigned long long)(first_max / 1000u),
+               (unsigned long long)over_1s);
     }
     printf("}\n");
 }
