@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import os
 import re
 import socket
 import ssl
@@ -47,6 +48,7 @@ __all__ = [
     "TLSConfigError",
     "TLSInfo",
     "TLSMixIn",
+    "close_tls",
     "describe_handshake_error",
     "peer_certificate",
     "server_context",
@@ -78,13 +80,18 @@ PLAINTEXT_HTTP_RESPONSE = (
 PLAINTEXT_LINGER_SECONDS = 1.0
 PLAINTEXT_LINGER_BYTES = 64 * 1024
 
+StrPath = str | os.PathLike[str]
+
 # ALPN protocol names are 1 to 255 bytes (RFC 7301, section 3.1).
 _ALPN_MAX = 255
 
 
 class TLSConfigError(SettingError):
-    """TLS cannot be set up as configured: a missing or unreadable certificate or key,
-    conflicting settings, or a socket type TLS does not apply to."""
+    """TLS cannot be set up as configured.
+
+    A missing or unreadable certificate or key, conflicting settings, or a socket type
+    TLS does not apply to. The message names the setting and the problem.
+    """
 
 
 # -- the server context ---------------------------------------------------------------
@@ -113,17 +120,17 @@ def _load_error(what: str, exc: Exception) -> str:
 
 
 def server_context(
-    certfile: str,
-    keyfile: str | None = None,
+    certfile: StrPath,
+    keyfile: StrPath | None = None,
     *,
-    client_ca: str | None = None,
+    client_ca: StrPath | None = None,
     require_client_cert: bool = True,
     alpn_protocols: Sequence[str] = (),
 ) -> ssl.SSLContext:
     """Build the server context TLSMixIn uses when it is given paths.
 
-    TLS 1.2 or later, Python's default cipher list (forward secrecy and AEAD only), no
-    renegotiation. certfile may hold the key too (keyfile None). With client_ca,
+    TLS 1.2 or later, Python's default cipher list (forward secrecy only, no SHA-1 or
+    RC4), no renegotiation. certfile may hold the key too (keyfile None). With client_ca,
     clients are asked for a certificate signed by a CA in that bundle, and only those
     CAs are trusted for it (never the system store); require_client_cert refuses clients
     that send none. Raises TLSConfigError naming the file and the problem.
@@ -158,8 +165,8 @@ def server_context(
 class _ContextSlot:
     """The context new handshakes use.
 
-    Readers take ``current`` without a lock (one attribute read is atomic); replace()
-    is serialised so that two reloads at once cannot interleave their file reads.
+    Readers take ``current`` without the lock (one attribute read is atomic); reloads
+    hold it, so that two at once cannot interleave and the last one called wins.
     """
 
     __slots__ = ("current", "lock")
@@ -412,8 +419,9 @@ def peer_certificate(handler_or_sock: Any) -> dict[str, Any] | None:
 
 
 class TLSMixIn(Configurable, _MixinBase):
-    """Serve every connection over TLS. Composes with any stream server and any
-    concurrency mix-in; by convention it comes first::
+    """Serve every connection over TLS; composes with any stream server.
+
+    Any concurrency mix-in works with it; by convention TLSMixIn comes first::
 
         class Server(TLSMixIn, ThreadingMixIn, TCPServer): ...
         Server(("", 8443), Handler, certfile="cert.pem", keyfile="key.pem")
@@ -508,6 +516,9 @@ class TLSMixIn(Configurable, _MixinBase):
 
     def _initial_tls_context(self) -> ssl.SSLContext:
         if self.ssl_context is not None:
+            problem = _check_context(self.ssl_context)
+            if problem:  # set as a class attribute, so Configurable did not check it
+                raise TLSConfigError(f"ssl_context {problem}")
             conflicting = [
                 name
                 for name in ("certfile", "keyfile", "client_ca", "alpn_protocols")
@@ -618,11 +629,13 @@ class TLSMixIn(Configurable, _MixinBase):
             tls.do_handshake()
             tls.settimeout(handler_timeout)
         except OSError as exc:
-            self.handle_tls_error(tls, client_address, exc)
-            if self.plaintext_http_reply and _is_plaintext_http(exc):
-                _answer_plaintext_http(tls)
-            else:
-                tls.close()  # OpenSSL has already sent whatever alert applies
+            try:
+                self.handle_tls_error(tls, client_address, exc)
+            finally:
+                if self.plaintext_http_reply and _is_plaintext_http(exc):
+                    _answer_plaintext_http(tls)
+                else:
+                    tls.close()  # OpenSSL has already sent whatever alert applies
             return None
         except BaseException:
             tls.close()

@@ -32,8 +32,10 @@ from servekit.tls import (
 )
 
 # The fixtures live in tests/tls_certs.py until they move to a conftest; put tests/ on
-# the path so that they load however pytest was started.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the path (last, so it shadows nothing) so that they load however pytest was started.
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:
+    sys.path.append(_TESTS)
 pytest_plugins = ["tls_certs"]
 
 if TYPE_CHECKING:
@@ -180,11 +182,28 @@ def test_forking_server_round_trip(tls_certs: CertSet) -> None:
     if not hasattr(os, "fork"):
         pytest.skip("needs os.fork")
     with (
-        running(tls_certs, Echo, ForkingTLSServer) as server,
+        # One line, not until EOF: the child inherits this process's copy of the client
+        # socket, so it would never see our close.
+        running(tls_certs, OneLine, ForkingTLSServer) as server,
+        tls_connect(server.server_address, tls_certs.client_context(), ragged_eofs=False) as sock,
+    ):
+        assert round_trip(sock, b"forked\n") == b"forked - nocert\n"
+        assert sock.recv(1) == b""  # close_notify from the child
+
+
+def test_thread_pool_server(tls_certs: CertSet) -> None:
+    """TLS composes with ThreadPoolMixIn, whose settings are keywords beside TLS's."""
+    from servekit.pool import ThreadPoolMixIn
+
+    class PoolTLSServer(Recording, TLSMixIn, ThreadPoolMixIn, servekit.TCPServer):
+        pass
+
+    with (
+        running(tls_certs, Echo, PoolTLSServer, max_threads=2) as server,
         tls_connect(server.server_address, tls_certs.client_context()) as sock,
     ):
-        assert round_trip(sock, b"forked\n") == b"forked\n"
-        assert sock.version() in ("TLSv1.2", "TLSv1.3")
+        assert server.max_threads == 2
+        assert round_trip(sock, b"pooled\n") == b"pooled\n"
 
 
 def test_unix_stream_server(tls_certs: CertSet, tmp_path: Path) -> None:
