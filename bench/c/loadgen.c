@@ -60,6 +60,7 @@ struct options {
     double timeout;      /* churn: per connection; udp: per datagram; hold: stall */
     double hold_seconds; /* hold: upper bound on the holding phase */
     int inflight;        /* hold: connections opened but not yet answered */
+    double rate;         /* pingpong: total requests/s offered (open loop); 0 = closed loop */
 };
 
 /* 16 KiB per request is plenty for an echo benchmark and stays far below asyncio's
@@ -183,6 +184,7 @@ enum cstate {
     C_CONNECTING, /* non-blocking connect in progress */
     C_WAITING,    /* request (partly) sent, echo not complete */
     C_HELD,       /* hold mode: answered, kept open */
+    C_READY,      /* pingpong --rate: connected, next request not yet due */
 };
 
 struct conn {
@@ -196,6 +198,7 @@ struct conn {
     uint64_t first_resp;   /* ns from the start of the run to the first echo; 0 = none */
     uint64_t done_window;  /* echoes completed inside the measured window */
     uint64_t seq;          /* udp: sequence number of the datagram in flight */
+    uint64_t next_due;     /* pingpong --rate: intended send time of the next request */
     bool counted_unanswer; /* hold: already given up on */
 };
 
@@ -269,6 +272,18 @@ static void fail_conn(struct conn *c, uint64_t now)
 }
 
 static void send_request(struct conn *c, uint64_t now);
+static void dispatch(struct conn *c, uint64_t now);
+
+/* Open loop (--rate). A closed-loop client sends its next request only after the
+ * previous answer, so a server that stalls a connection also stops that connection
+ * from asking: the stall hides itself ("coordinated omission", Gil Tene). With --rate
+ * every connection has a schedule of intended send times, and a request's latency is
+ * measured from its intended time, not from when it could finally be sent; requests
+ * whose intended time fell in the window but which never completed (a connection
+ * stuck in SYN retransmission, say) are counted at the end as at least
+ * (end - intended). This is how wrk2 measures. */
+static uint64_t interval_ns; /* per connection, = conns / rate */
+static uint64_t censored;    /* intended requests in the window that never completed */
 
 /* Start a non-blocking connect; the socket reports writable when it completes. */
 static void open_tcp(struct conn *c, uint64_t now)
@@ -289,7 +304,7 @@ static void open_tcp(struct conn *c, uint64_t now)
     opened++;
     if (connect(fd, (struct sockaddr *)&server_addr, sizeof server_addr) == 0) {
         ep_set(c, EPOLL_CTL_ADD, EPOLLIN);
-        send_request(c, now);
+        dispatch(c, now);
         return;
     }
     if (errno != EINPROGRESS) {
@@ -353,10 +368,36 @@ static void send_request(struct conn *c, uint64_t now)
         ep_set(c, EPOLL_CTL_MOD, EPOLLIN | EPOLLOUT);
 }
 
+/* Send now (closed loop), or when the schedule says (open loop). */
+static void dispatch(struct conn *c, uint64_t now)
+{
+    if (interval_ns == 0) {
+        send_request(c, now);
+        return;
+    }
+    if (now < c->next_due) {
+        c->state = C_READY;
+        return;
+    }
+    uint64_t due = c->next_due;
+    c->next_due += interval_ns;
+    send_request(c, now);
+    c->t_req = due; /* latency counts from the intended time */
+}
+
 static void record_echo(struct conn *c, uint64_t now)
 {
     if (c->first_resp == 0)
         c->first_resp = now - t_start;
+    if (interval_ns != 0) {
+        /* Open loop: the sample belongs to the window its intended time is in. */
+        if (c->t_req >= t_measure && c->t_req < t_end) {
+            completed++;
+            c->done_window++;
+            hist_add(now - c->t_req);
+        }
+        return;
+    }
     if (now >= t_measure && now < t_end) {
         completed++;
         c->done_window++;
@@ -377,7 +418,7 @@ static void on_tcp_event(struct conn *c, uint32_t events, uint64_t now)
             return;
         }
         ep_set(c, EPOLL_CTL_MOD, EPOLLIN);
-        send_request(c, now);
+        dispatch(c, now);
         return;
     }
     if (c->state == C_HELD) {
@@ -395,6 +436,20 @@ static void on_tcp_event(struct conn *c, uint32_t events, uint64_t now)
             c->state = C_IDLE;
             c->retry_at = UINT64_MAX; /* never reopened */
         }
+        return;
+    }
+    if (c->state == C_READY) {
+        /* Nothing is owed between requests: EOF, data or an error is the server's. */
+        ssize_t n = recv(c->fd, rxbuf, MAX_SIZE, 0);
+        if (n < 0 && errno == EAGAIN)
+            return;
+        if (n == 0)
+            errs.eof++;
+        else if (n < 0)
+            count_errno(errno);
+        else
+            errs.bad_echo++;
+        fail_conn(c, now);
         return;
     }
     if (c->state != C_WAITING)
@@ -437,7 +492,7 @@ static void on_tcp_event(struct conn *c, uint32_t events, uint64_t now)
     record_echo(c, now);
     switch (opt.mode) {
     case MODE_PINGPONG:
-        send_request(c, now);
+        dispatch(c, now);
         break;
     case MODE_CHURN:
         close_conn(c, true);
@@ -481,6 +536,10 @@ static void check_deadlines(uint64_t now)
     uint64_t tmo = sec_to_ns(opt.timeout);
     for (int i = 0; i < opt.conns; i++) {
         struct conn *c = &conns[i];
+        if (c->state == C_READY && now >= c->next_due) {
+            dispatch(c, now);
+            continue;
+        }
         if (c->state == C_IDLE && now >= c->retry_at) {
             if (opt.mode == MODE_UDP)
                 send_request(c, now);
@@ -558,6 +617,9 @@ static void run_timed(void)
     t_start = now;
     t_measure = t_start + sec_to_ns(opt.warmup);
     t_end = t_measure + sec_to_ns(opt.duration);
+    /* Open loop: stagger the connections' schedules evenly over one interval. */
+    for (int i = 0; i < opt.conns; i++)
+        conns[i].next_due = t_start + interval_ns * (uint64_t)i / (uint64_t)opt.conns;
     /* All connections at once: a server with a small listen backlog has to show what
      * it does with a burst, which is the point of the 128-connection scenario. */
     for (int i = 0; i < opt.conns; i++) {
@@ -570,8 +632,39 @@ static void run_timed(void)
         /* Wake at least every 5 ms for deadlines: timeouts are >= 0.1 s in practice,
          * so 5 ms is well under their resolution and costs nothing measurable. */
         uint64_t left_ms = (t_end - now) / 1000000u + 1;
-        poll_once(left_ms < 5 ? (int)left_ms : 5, &now);
+        int timeout_ms = left_ms < 5 ? (int)left_ms : 5;
+        if (interval_ns != 0) {
+            /* Open loop: do not sleep past the next intended send (epoll_wait counts
+             * whole milliseconds, so under 1 ms away means poll without sleeping; the
+             * load generator has its own CPU). */
+            for (int i = 0; i < opt.conns; i++) {
+                if (conns[i].state == C_READY) {
+                    uint64_t wait = conns[i].next_due > now ? conns[i].next_due - now : 0;
+                    if ((int)(wait / 1000000u) < timeout_ms)
+                        timeout_ms = (int)(wait / 1000000u);
+                }
+            }
+        }
+        poll_once(timeout_ms, &now);
         check_deadlines(now);
+    }
+    if (interval_ns != 0) {
+        /* Intended requests in the window that never completed: each is a sample of
+         * at least (end - intended). */
+        for (int i = 0; i < opt.conns; i++) {
+            struct conn *c = &conns[i];
+            uint64_t due = c->next_due;
+            if (c->state == C_WAITING && c->t_req >= t_measure && c->t_req < t_end) {
+                hist_add(t_end - c->t_req);
+                censored++;
+            }
+            if (due < t_measure)
+                due += (t_measure - due + interval_ns - 1) / interval_ns * interval_ns;
+            for (; due < t_end; due += interval_ns) {
+                hist_add(t_end - due);
+                censored++;
+            }
+        }
     }
 
     uint64_t unanswered = 0, never = 0, over_1s = 0, first_max = 0;
@@ -600,6 +693,9 @@ static void run_timed(void)
     }
     /* Connections (slots) that completed nothing in the measured window. */
     printf(", \"unanswered\": %llu", (unsigned long long)unanswered);
+    if (interval_ns != 0)
+        printf(", \"offered_rate\": %.1f, \"censored\": %llu", opt.rate,
+               (unsigned long long)censored);
     if (opt.mode == MODE_PINGPONG) {
         printf(", \"never_answered\": %llu, "
                "\"first_response_max_us\": %llu, \"first_response_over_1s\": %llu",
@@ -715,7 +811,8 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: loadgen --port P [--host 127.0.0.1] [--mode pingpong|churn|udp|hold]\n"
             "               [--conns N] [--duration S] [--warmup S] [--size BYTES]\n"
-            "               [--timeout S] [--hold-seconds S] [--inflight N]\n");
+            "               [--timeout S] [--hold-seconds S] [--inflight N]\n"
+            "               [--rate REQUESTS_PER_S]  (pingpong: open loop)\n");
 }
 
 static double parse_double(const char *s, const char *name)
@@ -754,6 +851,7 @@ int main(int argc, char **argv)
         .timeout = -1,
         .hold_seconds = 60,
         .inflight = 4,
+        .rate = 0,
     };
     static const struct option longopts[] = {
         {"host", required_argument, 0, 'h'},     {"port", required_argument, 0, 'p'},
@@ -761,7 +859,8 @@ int main(int argc, char **argv)
         {"duration", required_argument, 0, 'd'}, {"warmup", required_argument, 0, 'w'},
         {"size", required_argument, 0, 's'},     {"timeout", required_argument, 0, 't'},
         {"hold-seconds", required_argument, 0, 'H'},
-        {"inflight", required_argument, 0, 'i'}, {"help", no_argument, 0, '?'},
+        {"inflight", required_argument, 0, 'i'}, {"rate", required_argument, 0, 'r'},
+        {"help", no_argument, 0, '?'},
         {0, 0, 0, 0},
     };
     int ch;
@@ -809,6 +908,9 @@ int main(int argc, char **argv)
         case 'i':
             opt.inflight = parse_int(optarg, "--inflight", 1, 100000);
             break;
+        case 'r':
+            opt.rate = parse_double(optarg, "--rate");
+            break;
         default:
             usage(ch == '?' ? stdout : stderr);
             return ch == '?' ? 0 : 2;
@@ -828,6 +930,15 @@ int main(int argc, char **argv)
     }
     if (opt.mode == MODE_PINGPONG)
         opt.timeout = 0;
+    if (opt.rate > 0) {
+        if (opt.mode != MODE_PINGPONG) {
+            fprintf(stderr, "loadgen: --rate applies to --mode pingpong only\n");
+            return 2;
+        }
+        interval_ns = (uint64_t)((double)opt.conns / opt.rate * 1e9);
+        if (interval_ns == 0)
+            interval_ns = 1;
+    }
     if (opt.mode == MODE_HOLD)
         opt.warmup = 0;
 

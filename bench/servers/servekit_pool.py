@@ -11,10 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from common import announce, parse_args  # noqa: E402
-from handlers import DatagramEchoHandler, LineEchoHandler  # noqa: E402
+from common import announce, parse_args
+from handlers import DatagramEchoHandler, LineEchoHandler
 
-from servekit.pool import ThreadPoolTCPServer, ThreadPoolUDPServer  # noqa: E402
+from servekit.pool import ThreadPoolTCPServer, ThreadPoolUDPServer
 
 THREADS = 128
 

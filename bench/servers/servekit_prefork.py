@@ -8,12 +8,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from common import announce, parse_args  # noqa: E402
-from handlers import DatagramEchoHandler, LineEchoHandler  # noqa: E402
+from common import announce, parse_args
+from handlers import DatagramEchoHandler, LineEchoHandler
 
-import servekit  # noqa: E402
-from servekit.pool import ThreadPoolMixIn  # noqa: E402
-from servekit.prefork import PreforkMixIn  # noqa: E402
+import servekit
+from servekit.pool import ThreadPoolMixIn
+from servekit.prefork import PreforkMixIn
 
 WORKERS = 2
 THREADS = 64

@@ -31,9 +31,7 @@ from servekit.core import TCPServer, UDPServer
 from servekit.settings import Configurable, knob, non_negative, optional_positive, positive
 
 if TYPE_CHECKING:
-    from servekit.core.server import BaseServer
-
-    _MixinBase = BaseServer
+    _MixinBase = TCPServer
 else:
     _MixinBase = object
 
@@ -288,6 +286,9 @@ class ThreadPoolMixIn(Configurable, _MixinBase):
     # as soon as more than five connect at once. Linux caps it at net.core.somaxconn
     # (4096 since kernel 5.4).
     request_queue_size: int = 1024
+    # Under load several connections are ready per wake-up; taking up to this many at
+    # once (from a non-blocking listener, see server_activate) saves a select() each.
+    accept_batch: int = 16
 
     _POOL_FULL = "thread pool full"
 
@@ -308,6 +309,13 @@ class ThreadPoolMixIn(Configurable, _MixinBase):
             if not self.daemon_threads:
                 atexit.register(_drain_at_exit, weakref.ref(self))
         return pool
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        # Non-blocking, so a batch of accepts ends with BlockingIOError instead of
+        # blocking the loop, and a sibling process taking the connection first (shared
+        # listener, pre-fork) costs nothing. Accepted sockets stay blocking on Linux.
+        self.socket.setblocking(False)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Run one request on a pool thread: finish, report errors, always close."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -35,25 +36,25 @@ def test_max_children_wait_does_not_reap_foreign_child() -> None:
     read_end, write_end = os.pipe()
     foreign = os.fork()
     if foreign == 0:
-        os.close(write_end)
-        os.read(read_end, 1)
+        os.read(read_end, 1)  # a byte, not EOF: server children inherit the pipe too
         os._exit(72)
     os.close(read_end)
 
     class Capped(servekit.ForkingTCPServer):
         max_children = 1
 
+    first = None
     try:
         with Capped((LOCALHOST, 0), LineEcho) as server, serving(server, poll_interval=0.01):
             first = connect(server.server_address)  # its child blocks in readline()
             # Let the foreign child exit and wait until it is a zombie, without reaping it.
-            os.close(write_end)
+            os.write(write_end, b"x")
             os.waitid(os.P_PID, foreign, os.WEXITED | os.WNOWAIT)
             # The server is at max_children: its loop now waits for a child to exit.
-            assert server.active_children and len(server.active_children) == 1
-            with first, first.makefile("rb") as reader:
+            with first.makefile("rb") as reader:
                 first.sendall(b"done\n")
                 assert reader.readline() == b"done\n"
+            first.close()
             with connect(server.server_address) as second, second.makefile("rb") as reader:
                 second.sendall(b"next\n")
                 assert reader.readline() == b"next\n"
@@ -61,8 +62,38 @@ def test_max_children_wait_does_not_reap_foreign_child() -> None:
         assert pid == foreign
         assert os.waitstatus_to_exitcode(status) == 72
     finally:
+        if first is not None:
+            first.close()
+        os.close(write_end)
         try:
             os.kill(foreign, 9)
             os.waitpid(foreign, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
+
+
+def test_shutdown_at_max_children_does_not_wait_for_a_long_request() -> None:
+    """shutdown() while the loop waits at max_children returns at once instead of waiting for a child (the stdlib blocks)."""
+
+    class Capped(servekit.ForkingTCPServer):
+        max_children = 1
+        block_on_close = False
+
+    server = Capped((LOCALHOST, 0), LineEcho)
+    client = None
+    try:
+        with serving(server, poll_interval=0.01):
+            client = connect(server.server_address)  # its child waits in readline()
+            for _ in range(500):  # bounded readiness poll: the child has been forked
+                if server.active_children:
+                    break
+                threading.Event().wait(0.01)
+            assert server.active_children
+        # serving() returned: shutdown() was not stuck behind the child.
+    finally:
+        if client is not None:
+            # A line, not EOF: the forked child holds a copy of this client socket.
+            client.sendall(b"bye\n")
+            client.close()
+        server.collect_children(blocking=True)
+    assert not server.active_children

@@ -83,8 +83,11 @@ class ServerProcess:
                         return match
                     index += 1
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.proc is not None and self.proc.poll() is not None
-                                      and not any(r.is_alive() for r in self._readers)):
+                if remaining <= 0 or (
+                    self.proc is not None
+                    and self.proc.poll() is not None
+                    and not any(r.is_alive() for r in self._readers)
+                ):
                     raise TimeoutError(
                         f"no line matching {pattern!r} within {timeout}s; output:\n"
                         + "\n".join(self.lines[-40:])
@@ -148,7 +151,7 @@ class ServerProcess:
 
     def assert_no_leftovers(self, timeout: float = 5.0) -> None:
         """Every worker this server ever had is gone (reaped by it, not orphaned)."""
-        gone, alive = psutil.wait_procs(
+        _gone, alive = psutil.wait_procs(
             [p for p in map(_process, self.seen_pids) if p is not None], timeout=timeout
         )
         assert not alive, f"worker processes left behind: {[p.pid for p in alive]}"

@@ -95,9 +95,12 @@ def test_threads_are_reused() -> None:
 def test_idle_workers_shrink_to_min_threads() -> None:
     """After a burst, workers above min_threads exit once idle for thread_idle_timeout."""
     gate = Gate()
-    with ThreadPoolTCPServer(
-        (LOCALHOST, 0), gate.handler(), max_threads=6, min_threads=2, thread_idle_timeout=0.1
-    ) as server, serving(server):
+    with (
+        ThreadPoolTCPServer(
+            (LOCALHOST, 0), gate.handler(), max_threads=6, min_threads=2, thread_idle_timeout=0.1
+        ) as server,
+        serving(server),
+    ):
         clients = [connect(server.server_address) for _ in range(6)]
         for client in clients:
             client.sendall(b"b\n")

@@ -235,7 +235,9 @@ def test_crash_loop_backs_off() -> None:
     with ServerProcess.app("crash") as server:
         delays = []
         for _ in range(4):
-            match = server.wait_for(r"crash loop: next worker in ([\d.]+)s", start=len(server.lines))
+            match = server.wait_for(
+                r"crash loop: next worker in ([\d.]+)s", start=len(server.lines)
+            )
             delays.append(float(match.group(1)))
         assert delays == sorted(delays) and delays[-1] > delays[0]
         assert delays[:3] == [0.1, 0.2, 0.4]

@@ -43,6 +43,11 @@ class ForkingMixIn(_MixinBase):
         while len(self.active_children) >= self.max_children:
             if not self._wait_for_one_child():
                 break
+        self._reap_children(blocking)
+
+    def _reap_children(self, blocking: bool) -> None:
+        if self.active_children is None:
+            return
         flags = 0 if blocking else os.WNOHANG
         for pid in list(self.active_children):
             try:
@@ -70,8 +75,18 @@ class ForkingMixIn(_MixinBase):
                         children.discard(pid)  # no longer exists: not ours to wait for
                         return True
                 if pidfds:
-                    readable, _, _ = select.select(list(pidfds), [], [])
+                    # Also wake for the server's own wake-up channel, so that shutdown()
+                    # is not stuck behind a long request at max_children.
+                    wakeup = self._loop_wakeup()
+                    watched = [*pidfds, wakeup.fileno()] if wakeup is not None else list(pidfds)
+                    readable, _, _ = select.select(watched, [], [])
+                    if wakeup is not None and wakeup.fileno() in readable:
+                        if self._stop_requested():
+                            return False
+                        wakeup.drain()
                     for fd in readable:
+                        if fd not in pidfds:
+                            continue
                         pid = pidfds[fd]
                         try:
                             os.waitpid(pid, os.WNOHANG)
@@ -128,4 +143,7 @@ class ForkingMixIn(_MixinBase):
 
     def server_close(self) -> None:
         super().server_close()
-        self.collect_children(blocking=self.block_on_close)
+        # Nothing will be accepted any more, so unlike collect_children() this never
+        # waits for room below max_children (the stdlib does, even without
+        # block_on_close); with block_on_close it waits for every child.
+        self._reap_children(blocking=self.block_on_close)

@@ -86,6 +86,10 @@ class BaseServer:
 
     #: Seconds handle_request() waits before calling handle_timeout(); None waits forever.
     timeout: float | None = None
+    #: Requests serve_forever() takes from a listener per wake-up. More than 1 needs a
+    #: non-blocking listener (get_request() raising BlockingIOError when none is left);
+    #: the production mix-ins set both, to save a select() per connection under load.
+    accept_batch: int = 1
 
     def __init__(self, server_address: Any, RequestHandlerClass: Callable[..., Any]) -> None:
         """Constructor. May be extended, do not override."""
@@ -162,14 +166,23 @@ class BaseServer:
                 for key, _ in events:
                     if key.data is None:
                         wakeup.drain()
-                    elif not self.__accept_holds and not self._stop_requested():
-                        self._ready_listener = key.data
-                        self._handle_request_noblock()
+                        continue
+                    self._ready_listener = key.data
+                    for _ in range(self.accept_batch):
+                        if self.__accept_holds or self._stop_requested():
+                            break
+                        if not self._handle_one_request():
+                            break
                 self.service_actions()
 
     def _stop_requested(self) -> bool:
         """True once shutdown() or request_shutdown() asked the running loop to stop."""
         return self.__state is not ServerState.SERVING or self.__stop_soon
+
+    def _loop_wakeup(self) -> Wakeup | None:
+        """The running loop's wake-up channel, for mix-ins that block on the loop thread
+        and must still notice shutdown(). Only meaningful on the loop's thread."""
+        return self.__wakeup
 
     def _reset_after_fork(self) -> None:
         """Forget the parent's loop state in a forked child that will serve on its own.
@@ -374,14 +387,19 @@ class BaseServer:
 
     def _handle_request_noblock(self) -> None:
         """Handle one request, assuming get_request() will not block."""
+        self._handle_one_request()
+
+    def _handle_one_request(self) -> bool:
+        """Get and handle one request; False if get_request() failed (none was ready)."""
         try:
             request, client_address = self.get_request()
         except OSError as exc:
             if exc.errno in RESOURCE_ERRNOS:
                 self.__backoff.failed(exc)
             # Every other error belongs to one connection (or one datagram's ICMP
-            # echo); the stdlib ignores them and so do we.
-            return
+            # echo), or says that a non-blocking listener has nothing more; the stdlib
+            # ignores them and so do we.
+            return False
         if self.__backoff.active:
             self.__backoff.succeeded()
         if self.verify_request(request, client_address):
@@ -395,6 +413,7 @@ class BaseServer:
                 raise
         else:
             self.shutdown_request(request)
+        return True
 
     def handle_timeout(self) -> None:
         """Called if no new request arrives within self.timeout. May be overridden."""
