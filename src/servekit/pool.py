@@ -28,7 +28,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from servekit.core import TCPServer, UDPServer
-from servekit.settings import Configurable, knob, non_negative, optional_positive, positive
+from servekit.settings import (
+    Configurable,
+    knob,
+    non_negative,
+    optional_positive,
+    parse_optional_float,
+    positive,
+)
 
 if TYPE_CHECKING:
     _MixinBase = TCPServer
@@ -277,6 +284,7 @@ class ThreadPoolMixIn(Configurable, _MixinBase):
         30.0,
         "seconds server_close() waits for in-flight requests (None: forever)",
         check=optional_positive,
+        parse=parse_optional_float,
         section="pool",
     )
     daemon_threads: bool = False

@@ -26,7 +26,14 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from servekit.core.wakeup import Wakeup
-from servekit.settings import Configurable, knob, non_negative, optional_positive, positive
+from servekit.settings import (
+    Configurable,
+    knob,
+    non_negative,
+    optional_positive,
+    parse_optional_float,
+    positive,
+)
 from servekit.supervisor import (
     EXIT_BOOT_ERROR,
     EXIT_OK,
@@ -67,6 +74,7 @@ class PreforkMixIn(Configurable, _MixinBase):
         30.0,
         "seconds without a heartbeat from a worker's loop before it is killed (None: never)",
         check=optional_positive,
+        parse=parse_optional_float,
         section="prefork",
     )
     max_requests: int = knob(

@@ -95,8 +95,8 @@ def knob(
     help: str,
     *,
     flag: str | None = None,
-    parse: Callable[[str], T] | None = None,
-    check: Callable[[T], str | None] | None = None,
+    parse: Callable[[str], Any] | None = None,
+    check: Callable[[Any], str | None] | None = None,
     section: str = "",
 ) -> T:
     """Declare a setting as a class attribute. Typed as its value for type checkers."""
@@ -113,10 +113,19 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_optional_float(text: str) -> float | None:
+    """A number of seconds, or none/off/empty for None."""
     lowered = text.strip().lower()
     if lowered in ("", "none", "off"):
         return None
     return float(lowered)
+
+
+def parse_optional_int(text: str) -> int | None:
+    """A count, or none/off/empty for None."""
+    lowered = text.strip().lower()
+    if lowered in ("", "none", "off"):
+        return None
+    return int(lowered)
 
 
 def _default_parser(default: Any) -> Callable[[str], Any]:

@@ -38,6 +38,15 @@ from servekit.core.wakeup import Wakeup
 __all__ = ["BaseServer", "ServerState"]
 
 
+class _Watched:
+    """A selector registration made through BaseServer._watch()."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+
+
 class ServerState(enum.Enum):
     IDLE = "idle"
     SERVING = "serving"
@@ -106,6 +115,8 @@ class BaseServer:
         # Set without the lock by request_shutdown(), which signal handlers call.
         self.__stop_soon = False
         self.__backoff = AcceptBackoff()
+        self.__watched: dict[Any, _Watched] = {}
+        self.__selector: selectors.BaseSelector | None = None
         #: The listener that select() reported ready, for get_request() of servers that
         #: listen on several sockets; None means "the only one".
         self._ready_listener: Any = None
@@ -145,35 +156,79 @@ class BaseServer:
         """
         with selectors.DefaultSelector() as selector:
             selector.register(wakeup, selectors.EVENT_READ, None)
-            listeners = tuple(self._listeners())
-            watching = False
-            while not self._stop_requested():
-                now = time.monotonic()
-                want = not self.__accept_holds and not self.__backoff.paused(now)
-                if want != watching:
-                    for listener in listeners:
-                        if want:
-                            selector.register(listener, selectors.EVENT_READ, listener)
-                        else:
-                            selector.unregister(listener)
-                    watching = want
-                timeout = poll_interval
-                if self.__backoff.resume_at is not None:
-                    timeout = max(0.0, min(timeout, self.__backoff.resume_at - now))
-                events = selector.select(timeout)
-                if self._stop_requested():
-                    break
-                for key, _ in events:
-                    if key.data is None:
-                        wakeup.drain()
-                        continue
-                    self._ready_listener = key.data
+            for fileobj, watched in self.__watched.items():
+                selector.register(fileobj, selectors.EVENT_READ, watched)
+            self.__selector = selector
+            try:
+                self.__run_selector(selector, wakeup, poll_interval)
+            finally:
+                self.__selector = None
+
+    def __run_selector(
+        self, selector: selectors.BaseSelector, wakeup: Wakeup, poll_interval: float
+    ) -> None:
+        listeners = tuple(self._listeners())
+        watching = False
+        while not self._stop_requested():
+            now = time.monotonic()
+            want = not self.__accept_holds and not self.__backoff.paused(now)
+            if want != watching:
+                for listener in listeners:
+                    if want:
+                        selector.register(listener, selectors.EVENT_READ, listener)
+                    else:
+                        selector.unregister(listener)
+                watching = want
+            timeout = poll_interval
+            if self.__backoff.resume_at is not None:
+                timeout = min(timeout, self.__backoff.resume_at - now)
+            deadline = self._next_deadline()
+            if deadline is not None:
+                timeout = min(timeout, deadline - now)
+            events = selector.select(max(0.0, timeout))
+            if self._stop_requested():
+                break
+            for key, _ in events:
+                data = key.data
+                if data is None:
+                    wakeup.drain()
+                elif isinstance(data, _Watched):
+                    data.callback()
+                else:
+                    self._ready_listener = data
                     for _ in range(self.accept_batch):
                         if self.__accept_holds or self._stop_requested():
                             break
                         if not self._handle_one_request():
                             break
-                self.service_actions()
+            self.service_actions()
+
+    # -- extension points for mix-ins that keep connections in the loop --------------------
+
+    def _watch(self, fileobj: Any, callback: Callable[[], None]) -> None:
+        """Call callback on the loop's thread whenever fileobj is readable.
+
+        For mix-ins that keep connections in the loop (servekit.limits parks
+        connections there until their first request arrives). Call from the loop's
+        thread, or before serve_forever(); the watch lasts until _unwatch().
+        """
+        watched = _Watched(callback)
+        self.__watched[fileobj] = watched
+        if self.__selector is not None:
+            self.__selector.register(fileobj, selectors.EVENT_READ, watched)
+
+    def _unwatch(self, fileobj: Any) -> None:
+        """Stop a _watch(). Call from the loop's thread, or when no loop runs."""
+        if self.__watched.pop(fileobj, None) is not None and self.__selector is not None:
+            self.__selector.unregister(fileobj)
+
+    def _next_deadline(self) -> float | None:
+        """The time.monotonic() by which the loop must wake up, or None. May be extended.
+
+        service_actions() runs after every wake-up, so a mix-in that returns its next
+        timer here and checks it in service_actions() gets exact timers.
+        """
+        return None
 
     def _stop_requested(self) -> bool:
         """True once shutdown() or request_shutdown() asked the running loop to stop."""
@@ -202,6 +257,8 @@ class BaseServer:
         self.__accept_holds = set()
         self.__stop_soon = False
         self.__backoff = AcceptBackoff()
+        self.__watched = {}
+        self.__selector = None
 
     def __begin_serving(self) -> Wakeup | None:
         with self.__lock:
