@@ -140,7 +140,8 @@ class PreforkMixIn(Configurable, _MixinBase):
             max_requests_jitter=self.max_requests_jitter,
             on_reload=self.on_reload,
             on_ready=self.on_workers_ready,
-            on_stop=self._close_parent_listener,
+            on_stop=self._on_supervisor_stop,
+            on_tick=self.supervisor_tick,
             name=type(self).__name__,
         )
         self.__dict__["_servekit_supervisor"] = supervisor
@@ -155,10 +156,21 @@ class PreforkMixIn(Configurable, _MixinBase):
     def on_workers_ready(self) -> None:
         """Called in the parent once all workers serve for the first time. May be overridden."""
 
-    def _close_parent_listener(self) -> None:
+    def supervisor_tick(self) -> None:
+        """Called on every turn of the supervisor's loop (at least once a second).
+
+        May be overridden, e.g. to ping a watchdog only while the supervisor runs.
+        """
+
+    def on_stopping(self) -> None:
+        """Called in the parent when a graceful or fast stop begins. May be overridden."""
+
+    def _on_supervisor_stop(self) -> None:
         # Stopping: refuse new connections at once instead of letting them queue in a
         # backlog that no worker will accept from (they would be reset later).
-        self.socket.close()
+        for sock in getattr(self, "sockets", None) or [self.socket]:
+            sock.close()
+        self.on_stopping()
 
     # -- worker --------------------------------------------------------------------------
 
@@ -180,7 +192,8 @@ class PreforkMixIn(Configurable, _MixinBase):
             if self.reuse_port:
                 self._open_worker_listener()
             else:
-                self.socket.setblocking(False)
+                for sock in getattr(self, "sockets", None) or [self.socket]:
+                    sock.setblocking(False)
             self.worker_init()
         except Exception:
             log.exception("worker %d failed to start", context.index)

@@ -220,6 +220,7 @@ class Supervisor:
         on_reload: Callable[[], None] | None = None,
         on_ready: Callable[[], None] | None = None,
         on_stop: Callable[[], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
         name: str = "servekit",
     ) -> None:
         if not 1 <= workers <= MAX_WORKERS:
@@ -234,6 +235,7 @@ class Supervisor:
         self.on_reload = on_reload
         self.on_ready = on_ready
         self.on_stop = on_stop
+        self.on_tick = on_tick
         self.name = name
         self.counters = _Counters()
         self._state = _SupervisorState.NEW
@@ -388,6 +390,8 @@ class Supervisor:
                 self._dispatch(self._pending_signals.popleft())
             now = time.monotonic()
             self._check_workers(now)
+            if self.on_tick is not None:
+                self.on_tick()
             if self._state is _SupervisorState.RUNNING:
                 self._progress_reload(now)
                 self._spawn_missing(now)
