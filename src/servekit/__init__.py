@@ -30,7 +30,12 @@ if TYPE_CHECKING:
     from servekit.pool import ThreadPoolUnixStreamServer as ThreadPoolUnixStreamServer
     from servekit.pool import WorkerPool as WorkerPool
     from servekit.prefork import PreforkMixIn as PreforkMixIn
+    from servekit.limits import LimitsMixIn as LimitsMixIn
+    from servekit.listeners import ListenerOptions as ListenerOptions
+    from servekit.listeners import ListenersMixIn as ListenersMixIn
+    from servekit.proxy import ProxyProtocolMixIn as ProxyProtocolMixIn
     from servekit.supervisor import Supervisor as Supervisor
+    from servekit.tls import TLSMixIn as TLSMixIn
 
 __version__ = "0.1.0.dev0"
 
@@ -46,6 +51,11 @@ _LAZY = {
     "WorkerPool": "servekit.pool",
     "PreforkMixIn": "servekit.prefork",
     "Supervisor": "servekit.supervisor",
+    "LimitsMixIn": "servekit.limits",
+    "ListenersMixIn": "servekit.listeners",
+    "ListenerOptions": "servekit.listeners",
+    "TLSMixIn": "servekit.tls",
+    "ProxyProtocolMixIn": "servekit.proxy",
 }
 
 

@@ -106,6 +106,8 @@ def parse_addresses(texts: list[str] | tuple[str, ...]) -> list[Address]:
     seen: dict[tuple[object, ...], str] = {}
     for address in parsed:
         key = (address.kind, address.host, address.port, address.path, address.fd, address.fd_name)
+        if address.kind in ("tcp", "udp") and address.port == 0:
+            continue  # each port 0 is a different port
         if key in seen:
             raise AddressError(f"{address.text!r} is listed twice (also as {seen[key]!r})")
         seen[key] = address.text

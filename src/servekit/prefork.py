@@ -120,6 +120,8 @@ class PreforkMixIn(Configurable, _MixinBase):
         super().server_bind()
 
     def server_activate(self) -> None:
+        if self.reuse_port and len(getattr(self, "sockets", None) or [self.socket]) > 1:
+            raise ValueError("reuse_port applies to a server with one listening address")
         if self.reuse_port:
             # The parent only holds the address (bound, not listening): a listening
             # socket would join the SO_REUSEPORT group and get connections nobody

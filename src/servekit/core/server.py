@@ -421,7 +421,9 @@ class BaseServer:
     def _handle_request_timeout(self) -> float | None:
         sock = getattr(self, "socket", None)
         timeout: float | None = sock.gettimeout() if sock is not None else None
-        if timeout is None:
+        if not timeout:
+            # None (blocking) or 0.0: a listener the production layer made non-blocking
+            # for batch accepts, which says nothing about how long to wait here.
             return self.timeout
         if self.timeout is not None:
             return min(timeout, self.timeout)
