@@ -23,6 +23,9 @@ from servekit.install import installed as installed
 from servekit.install import uninstall as uninstall
 
 if TYPE_CHECKING:
+    from servekit.limits import LimitsMixIn as LimitsMixIn
+    from servekit.listeners import ListenerOptions as ListenerOptions
+    from servekit.listeners import ListenersMixIn as ListenersMixIn
     from servekit.pool import ThreadPoolMixIn as ThreadPoolMixIn
     from servekit.pool import ThreadPoolTCPServer as ThreadPoolTCPServer
     from servekit.pool import ThreadPoolUDPServer as ThreadPoolUDPServer
@@ -30,9 +33,6 @@ if TYPE_CHECKING:
     from servekit.pool import ThreadPoolUnixStreamServer as ThreadPoolUnixStreamServer
     from servekit.pool import WorkerPool as WorkerPool
     from servekit.prefork import PreforkMixIn as PreforkMixIn
-    from servekit.limits import LimitsMixIn as LimitsMixIn
-    from servekit.listeners import ListenerOptions as ListenerOptions
-    from servekit.listeners import ListenersMixIn as ListenersMixIn
     from servekit.proxy import ProxyProtocolMixIn as ProxyProtocolMixIn
     from servekit.supervisor import Supervisor as Supervisor
     from servekit.tls import TLSMixIn as TLSMixIn

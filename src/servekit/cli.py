@@ -6,6 +6,12 @@
 # (--config, one table per section), SERVEKIT_<NAME> environment variables, flags.
 # The flags, keys and variables are generated from the knob declarations
 # (servekit.settings), so a new knob needs no change here.
+#
+# The server class is composed from what the settings ask for (servekit.compose):
+# pre-fork when --workers > 1, TLS when a certificate is given, the PROXY protocol when
+# asked, several listeners when --bind is repeated; always a bounded thread pool and the
+# limits layer. systemd readiness, stopping and watchdog pings are sent when systemd
+# set NOTIFY_SOCKET / WATCHDOG_USEC.
 from __future__ import annotations
 
 import argparse
@@ -14,14 +20,15 @@ import logging
 import os
 import signal
 import sys
+import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import servekit
-from servekit.addresses import Address, AddressError, parse_address
+from servekit.addresses import Address, AddressError, parse_addresses
 from servekit.builtin import DatagramEchoHandler, EchoHandler
-from servekit.compose import server_class
+from servekit.compose import Features, feature_classes, server_class
 from servekit.settings import Knob, SettingError, knobs_of
 
 __all__ = ["main"]
@@ -39,13 +46,10 @@ class UsageError(Exception):
     """Bad command-line input: reported in one line, exit status 2."""
 
 
-def _cli_knobs() -> dict[str, Knob[Any]]:
-    """Every knob the command line exposes, by name, from the classes it composes."""
-    from servekit.pool import ThreadPoolMixIn
-    from servekit.prefork import PreforkMixIn
-
+def cli_knobs() -> dict[str, Knob[Any]]:
+    """Every knob the command line exposes, by name, from every feature it composes."""
     knobs: dict[str, Knob[Any]] = {}
-    for cls in (PreforkMixIn, ThreadPoolMixIn):
+    for cls in feature_classes():
         for name, knob in knobs_of(cls).items():
             if knob.cli_flag is not None:
                 knobs[name] = knob
@@ -75,8 +79,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--bind",
         "-b",
         metavar="ADDRESS",
-        help=f"address to listen on (default {DEFAULT_BIND}): HOST:PORT, [::]:PORT, "
-        "tcp://..., udp://HOST:PORT, unix:/path, unix:@name",
+        action="append",
+        help=f"address to listen on, repeatable (default {DEFAULT_BIND}): HOST:PORT, "
+        "[::]:PORT, tcp://..., udp://HOST:PORT, unix:/path, unix:@name, fd://3, fd://NAME",
     )
     parser.add_argument("--config", "-c", metavar="FILE", help="a TOML file of settings")
     parser.add_argument(
@@ -86,7 +91,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="log verbosity on stderr (default info)",
     )
     sections: dict[str, argparse._ArgumentGroup] = {}
-    for knob in _cli_knobs().values():
+    for knob in cli_knobs().values():
         group = sections.get(knob.section)
         if group is None:
             group = sections[knob.section] = parser.add_argument_group(f"{knob.section} settings")
@@ -110,9 +115,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def _settings(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, Any]:
-    """Merge config file, environment and flags into keyword arguments."""
-    knobs = _cli_knobs()
+def resolve_settings(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, Any]:
+    """Merge config file, environment and flags into keyword arguments for the server."""
+    knobs = cli_knobs()
     values: dict[str, Any] = {}
     if args.config:
         try:
@@ -121,13 +126,17 @@ def _settings(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, An
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise UsageError(f"cannot read config file {args.config}: {exc}") from None
         for section, table in document.items():
-            if section == "server":
-                for key in ("bind", "target", "log_level"):
-                    if key in table and getattr(args, key, None) is None:
-                        setattr(args, key, table[key])
-                continue
             if not isinstance(table, dict):
                 raise UsageError(f"{args.config}: [{section}] must be a table")
+            if section == "server":
+                for key, value in table.items():
+                    if key not in ("bind", "target", "log_level"):
+                        raise UsageError(f"{args.config}: unknown setting server.{key}")
+                    if key == "bind" and args.bind is None:
+                        args.bind = [value] if isinstance(value, str) else list(value)
+                    elif key != "bind" and getattr(args, key, None) is None:
+                        setattr(args, key, value)
+                continue
             for key, value in table.items():
                 knob = knobs.get(key)
                 if knob is None or knob.section != section:
@@ -169,20 +178,131 @@ def load_handler(target: str) -> type:
     return obj
 
 
-def _describe(address: Address, server: Any, values: dict[str, Any]) -> str:
-    actual = server.server_address
-    if address.kind in ("tcp", "udp") and isinstance(actual, tuple):
-        shown = Address(address.kind, host=actual[0], port=actual[1])
-    else:
-        shown = address
-    workers = values.get("workers", 1)
-    threads = server.max_threads
-    mode = f"{workers} workers x {threads} threads" if workers > 1 else f"{threads} threads"
-    return f"{shown} ({mode}, pid {os.getpid()})"
+def reload_handler(target: str) -> type:
+    """Re-import the handler's module (for SIGHUP) and return the class again."""
+    module_name = target.partition(":")[0] if ":" in target else target.rpartition(".")[0]
+    module = sys.modules.get(module_name)
+    if module is not None:
+        importlib.reload(module)
+    return load_handler(target)
+
+
+def _features(values: dict[str, Any], addresses: list[Address]) -> Features:
+    from servekit.limits import LimitsMixIn
+    from servekit.prefork import PreforkMixIn
+    from servekit.proxy import ProxyProtocolMixIn
+    from servekit.tls import TLSMixIn
+
+    tls_names = set(knobs_of(TLSMixIn))
+    tls = values.get("certfile") is not None
+    if not tls and tls_names & set(values):
+        raise UsageError("TLS settings were given without --certfile")
+    proxy_names = set(knobs_of(ProxyProtocolMixIn))
+    proxy = "proxy_protocol" in values  # giving a version is what turns it on
+    if not proxy and (proxy_names - {"proxy_protocol"}) & set(values):
+        raise UsageError("PROXY protocol settings were given without --proxy-protocol")
+    workers = int(values.get("workers", 1))
+    if workers <= 1:
+        for name in set(knobs_of(PreforkMixIn)) & set(values):
+            if name != "workers":
+                raise UsageError(f"--{name.replace('_', '-')} needs --workers 2 or more")
+        values.pop("workers", None)
+    kinds = {a.kind for a in addresses}
+    stream = all(a.stream for a in addresses if a.kind != "fd")
+    if not stream:
+        for name in set(knobs_of(LimitsMixIn)) & set(values):
+            raise UsageError(f"--{name.replace('_', '-')} applies to stream servers only")
+    for name, enabled in (("tls", tls), ("proxy", proxy)):
+        if not enabled:
+            for key in [k for k in values if k in (tls_names if name == "tls" else proxy_names)]:
+                values.pop(key)
+    return Features(
+        kind=addresses[0].kind if len(kinds) == 1 else "tcp",
+        workers=workers,
+        tls=tls,
+        proxy=proxy,
+        limits=stream,
+        # Always: one address or several, it owns the listening-socket settings
+        # (backlog, TCP options) and safe Unix socket files.
+        listeners=True,
+    )
+
+
+class _Hooks:
+    """What the command line adds to the composed server: announcing readiness (a line
+    on stdout and systemd's READY=1), STOPPING=1, watchdog pings from the serving loop
+    (or the supervisor's), and SIGHUP handling in a single process."""
+
+    cli_label = "echo"
+    cli_target: str | None = None
+    cli_notifier: Any = None
+    cli_watchdog: Any = None
+    _cli_reload_requested = False
+
+    def cli_announce(self: Any) -> None:
+        describe = ", ".join(str(a) for a in self.cli_bound_addresses())
+        workers = getattr(self, "workers", 1) if hasattr(self, "supervisor") else 1
+        threads = getattr(self, "max_threads", 0)
+        mode = f"{workers} workers x {threads} threads" if workers > 1 else f"{threads} threads"
+        print(
+            f"servekit: ready: {self.cli_label} on {describe} ({mode}, pid {os.getpid()})",
+            flush=True,
+        )
+        if self.cli_notifier is not None:
+            self.cli_notifier.ready(f"serving {self.cli_label} on {describe}")
+
+    def cli_bound_addresses(self: Any) -> list[str]:
+        bound = getattr(self, "server_addresses", None) or [self.server_address]
+        out = []
+        for address in bound:
+            if isinstance(address, tuple):
+                host, port = address[0], address[1]
+                host = f"[{host}]" if ":" in str(host) else host
+                scheme = "udp" if self.socket_type == 2 else "tcp"
+                out.append(f"{scheme}://{host}:{port}")
+            else:
+                text = address.decode() if isinstance(address, bytes) else str(address)
+                out.append("unix:" + ("@" + text[1:] if text.startswith("\0") else text))
+        return out
+
+    # pre-fork parent
+    def on_workers_ready(self: Any) -> None:
+        self.cli_announce()
+
+    def supervisor_tick(self: Any) -> None:
+        if self.cli_watchdog is not None:
+            self.cli_watchdog.maybe_ping(time.monotonic())
+
+    def on_stopping(self: Any) -> None:
+        if self.cli_notifier is not None:
+            self.cli_notifier.stopping()
+
+    def on_reload(self: Any) -> None:
+        if self.cli_notifier is not None:
+            self.cli_notifier.reloading()
+        if self.cli_target is not None:
+            self.RequestHandlerClass = reload_handler(self.cli_target)
+        if hasattr(self, "reload_tls"):
+            self.reload_tls()
+        if self.cli_notifier is not None:
+            self.cli_notifier.ready()
+
+    # single process: the serving loop pings, and does the SIGHUP reload
+    def service_actions(self: Any) -> None:
+        if self.cli_watchdog is not None and getattr(self, "worker_context", None) is None:
+            self.cli_watchdog.maybe_ping(time.monotonic())
+        if self._cli_reload_requested:
+            self._cli_reload_requested = False
+            try:
+                self.on_reload()
+                log.info("reloaded")
+            except Exception:
+                log.exception("reload failed; still serving with the previous setup")
+        super().service_actions()  # type: ignore[misc]
 
 
 def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
-    values = _settings(args, environ)
+    values = resolve_settings(args, environ)
     level = (args.log_level or "info").upper()
     logging.basicConfig(
         level=getattr(logging, level),
@@ -190,62 +310,76 @@ def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
         format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
     )
     try:
-        address = parse_address(args.bind or DEFAULT_BIND)
+        addresses = parse_addresses(args.bind or [DEFAULT_BIND])
     except AddressError as exc:
         raise UsageError(str(exc)) from None
-    if address.kind == "fd":
-        raise UsageError("fd:// addresses need socket activation support (not available yet)")
+    features = _features(values, addresses)
     if args.target is None:
-        handler: type = EchoHandler if address.stream else DatagramEchoHandler
+        stream = features.kind in ("tcp", "unix", "fd") and all(
+            a.stream for a in addresses if a.kind != "fd"
+        )
+        handler: type = EchoHandler if stream else DatagramEchoHandler
         label = "echo"
+        if features.limits:
+            # Echo is line-based: let a connection wait in the loop for its first line.
+            values.setdefault("wait_for_request", "line")
     else:
         handler = load_handler(args.target)
         label = args.target
-    workers = int(values.get("workers", 1))
-    cls = server_class(address.kind, workers=workers, name="ServekitServer")
-    if workers <= 1:
-        values.pop("workers", None)
-        for name in list(values):
-            if name in _prefork_only():
-                values.pop(name)
-    ready_line: list[str] = []
+    base = server_class(features, name="ServekitServer")
+    cls: Any = type("ServekitServer", (_Hooks, base), {"__module__": __name__})
+    cls.cli_label = label
+    cls.cli_target = args.target
 
-    def announce() -> None:
-        print(f"servekit: ready: {label} on {ready_line[0]}", flush=True)
+    from servekit.systemd import Notifier, Watchdog
 
-    attrs: dict[str, Callable[..., None]] = {}
-    if workers > 1:
-        attrs["on_workers_ready"] = lambda self: announce()
-    cls = type(cls.__name__, (cls,), attrs)
+    notifier = Notifier(environ)
+    cls.cli_notifier = notifier if notifier.enabled else None
+    cls.cli_watchdog = Watchdog.from_environment(
+        environ, notifier=notifier if notifier.enabled else None
+    )
+    server_address: Any = (
+        [str(a) for a in addresses] if features.listeners else addresses[0].sockaddr()
+    )
     try:
-        server = cls(address.sockaddr(), handler, **values)
+        server = cls(server_address, handler, **values)
     except OSError as exc:
-        print(f"servekit: cannot listen on {address}: {exc.strerror or exc}", file=sys.stderr)
+        where = ", ".join(str(a) for a in addresses)
+        print(f"servekit: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILURE
-    ready_line.append(_describe(address, server, {"workers": workers}))
+    poll_interval = 0.5
+    if cls.cli_watchdog is not None:
+        poll_interval = min(poll_interval, cls.cli_watchdog.period)
     with server:
-        if workers <= 1:
-            _stop_on_signals(server)
-            announce()
-        server.serve_forever()
+        if features.workers <= 1:
+            _single_process_signals(server)
+            server.cli_announce()
+        server.serve_forever(poll_interval)
+        if features.workers <= 1 and cls.cli_notifier is not None:
+            cls.cli_notifier.stopping()
     print("servekit: stopped", file=sys.stderr, flush=True)
     return EXIT_OK
 
 
-def _prefork_only() -> set[str]:
-    from servekit.prefork import PreforkMixIn
+def _single_process_signals(server: Any) -> None:
+    """SIGTERM/SIGINT stop the loop (server_close() then drains); SIGHUP reloads.
 
-    return set(knobs_of(PreforkMixIn))
-
-
-def _stop_on_signals(server: Any) -> None:
-    """Single process: SIGTERM and SIGINT stop the loop; server_close() then drains."""
+    The handlers only record and wake: the loop does the work (a handler that took
+    locks or did I/O could deadlock with the frame it interrupted).
+    """
 
     def stop(signum: int, frame: object) -> None:
         server.request_shutdown()
 
+    def hup(signum: int, frame: object) -> None:
+        server._cli_reload_requested = True
+        wakeup = server._loop_wakeup()
+        if wakeup is not None:
+            wakeup.notify()
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, hup)
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
@@ -253,11 +387,18 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     args = parser.parse_args(argv)
     try:
         return run(args, dict(os.environ) if environ is None else environ)
-    except (UsageError, SettingError) as exc:
+    except (UsageError, SettingError, AddressError) as exc:
         print(f"servekit: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        from servekit.supervisor import SupervisorError
+
+        if isinstance(exc, SupervisorError):
+            print(f"servekit: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,26 +4,39 @@
 # of the behaviour. This module is the single place that knows it; the command line
 # uses it, and users who build servers from configuration can too:
 #
-#   PreforkMixIn      replaces the loop in the parent; everything below runs in workers
-#   ListenersMixIn    several listening sockets (only when there is more than one)
-#   LimitsMixIn       connection cap and idle timeouts, before anything reads the socket
+#   PreforkMixIn       replaces the loop in the parent; everything below runs in workers
+#   ListenersMixIn     several listening sockets, inherited sockets
+#   LimitsMixIn        connection cap, waiting for the first request, idle timeouts:
+#                      before anything reads the socket
 #   ProxyProtocolMixIn reads the PROXY header, which precedes any TLS bytes
-#   TLSMixIn          the handshake, on the worker thread
-#   ThreadPoolMixIn   concurrency: hands each request to a pool thread
-#   socket type       TCPServer, UDPServer, UnixStreamServer, UnixDatagramServer
+#   TLSMixIn           the handshake, on the worker thread
+#   ThreadPoolMixIn    concurrency: hands each request to a pool thread
+#   socket type        TCPServer, UDPServer, UnixStreamServer, UnixDatagramServer
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 from servekit.core import TCPServer, UDPServer
-from servekit.pool import ThreadPoolMixIn
 
-__all__ = ["server_class", "socket_server_type"]
+__all__ = ["Features", "feature_classes", "server_class", "socket_server_type"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """What a composed server should do; server_class() turns it into a class."""
+
+    kind: str = "tcp"  # of the (first) address: tcp, udp, unix, unix-dgram, fd
+    workers: int = 1
+    tls: bool = False
+    proxy: bool = False
+    limits: bool = False
+    listeners: bool = False
 
 
 def socket_server_type(kind: str) -> type[TCPServer]:
     """The compatibility-core server class for an address kind (see servekit.addresses)."""
-    if kind == "tcp":
+    if kind in ("tcp", "fd"):
         return TCPServer
     if kind == "udp":
         return UDPServer
@@ -34,22 +47,40 @@ def socket_server_type(kind: str) -> type[TCPServer]:
     raise ValueError(f"no server type for address kind {kind!r}")
 
 
-def server_class(
-    kind: str,
-    *,
-    workers: int = 1,
-    name: str = "Server",
-) -> type[TCPServer]:
+def feature_classes() -> list[type]:
+    """Every production mix-in, in composition order (for settings and docs)."""
+    from servekit.limits import LimitsMixIn
+    from servekit.listeners import ListenersMixIn
+    from servekit.pool import ThreadPoolMixIn
+    from servekit.prefork import PreforkMixIn
+    from servekit.proxy import ProxyProtocolMixIn
+    from servekit.tls import TLSMixIn
+
+    return [
+        PreforkMixIn,
+        ListenersMixIn,
+        LimitsMixIn,
+        ProxyProtocolMixIn,
+        TLSMixIn,
+        ThreadPoolMixIn,
+    ]
+
+
+def server_class(features: Features, *, name: str = "Server") -> type[TCPServer]:
     """A server class with the requested features, its mix-ins in the right order.
 
-    workers > 1 adds the pre-fork supervisor; every server gets a bounded thread pool.
+    Every server gets a bounded thread pool; the rest is as features says.
     """
-    bases: list[type] = []
-    if workers > 1:
-        from servekit.prefork import PreforkMixIn
-
-        bases.append(PreforkMixIn)
-    bases.append(ThreadPoolMixIn)
-    bases.append(socket_server_type(kind))
+    prefork, listeners, limits, proxy, tls, pool = feature_classes()
+    wanted = [
+        (prefork, features.workers > 1),
+        (listeners, features.listeners),
+        (limits, features.limits),
+        (proxy, features.proxy),
+        (tls, features.tls),
+        (pool, True),
+    ]
+    bases = [cls for cls, on in wanted if on]
+    bases.append(socket_server_type(features.kind))
     cls: type[TCPServer] = type(name, tuple(bases), {"__module__": __name__})
     return cls

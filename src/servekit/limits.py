@@ -375,8 +375,11 @@ class LimitsMixIn(Configurable, _MixinBase):
         room, state.room = state.room, None
         if room is not None:
             self._unwatch(room)
+            # These connections were accepted: a graceful stop serves them too. The
+            # concurrency mix-in's server_close() (below) drains them with the rest,
+            # bounded by its drain timeout and the idle timeout on their reads.
             for pending in room.close():
-                self.shutdown_request(pending.request)
+                self._hand_over(pending)
         super().server_close()
 
 

@@ -218,8 +218,11 @@ class PreforkMixIn(Configurable, _MixinBase):
         except BaseException:
             listener.close()
             raise
-        self.socket.close()
-        self.socket = listener
+        inherited, self.socket = self.socket, listener
+        listeners = getattr(self, "listeners", None)
+        if listeners:
+            listeners[0].socket = listener  # ListenersMixIn serves from its list
+        inherited.close()
 
     def service_actions(self) -> None:
         context = self.worker_context

@@ -39,7 +39,9 @@ def test_import_servekit_loads_only_the_core() -> None:
     )
     assert out.returncode == 0, out.stderr
     loaded, optional = out.stdout.splitlines()[0].split(), out.stdout.splitlines()[1:]
-    assert all(m == "servekit" or m.startswith(("servekit.core", "servekit.install")) for m in loaded)
+    assert all(
+        m == "servekit" or m.startswith(("servekit.core", "servekit.install")) for m in loaded
+    )
     assert optional in ([], [""])
 
 
@@ -74,3 +76,17 @@ def test_lazy_production_names() -> None:
 
     assert issubclass(ThreadPoolTCPServer, ThreadPoolMixIn)
     assert PreforkMixIn.__module__ == "servekit.prefork"
+
+
+def test_settings_doc_is_generated_from_the_knobs() -> None:
+    """docs/settings.md is exactly what `python -m servekit.settings` prints (regenerate it after changing a knob)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "servekit.settings"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PYTHONPATH": str(SRC.parent)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    documented = (SRC.parent.parent / "docs" / "settings.md").read_text()
+    assert documented == proc.stdout
