@@ -24,7 +24,7 @@ def main() -> None:
     server: ThreadPoolTCPServer
     if args.udp:
         server = ThreadPoolUDPServer(
-            (args.host, args.port), DatagramEchoHandler, max_threads=THREADS, daemon_threads=True
+            (args.host, args.port), DatagramEchoHandler, max_threads=THREADS, drain_timeout=1.0
         )
     else:
         server = ThreadPoolTCPServer(

@@ -287,8 +287,19 @@ class ThreadPoolMixIn(Configurable, _MixinBase):
         parse=parse_optional_float,
         section="pool",
     )
-    daemon_threads: bool = False
-    block_on_close: bool = True
+    # ThreadingMixIn's two knobs, with their meaning, accepted as keywords too.
+    daemon_threads: bool = knob(
+        False,
+        "pool threads are daemon threads: the interpreter does not wait for requests at exit",
+        flag="",
+        section="pool",
+    )
+    block_on_close: bool = knob(
+        True,
+        "server_close() waits (up to drain_timeout) for in-flight requests",
+        flag="",
+        section="pool",
+    )
     # A full pool leaves new connections in the kernel's listen backlog, so the backlog
     # must hold a burst: the stdlib's 5 drops SYNs (clients retry after 1 s, 3 s, ...)
     # as soon as more than five connect at once. Linux caps it at net.core.somaxconn

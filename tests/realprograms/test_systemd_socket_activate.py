@@ -132,15 +132,16 @@ def activated(
     *,
     passed: Sequence[socket.socket] = (),
     setenv: Sequence[str] = (),
+    service: Sequence[str] = (),
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run systemd-socket-activate with options around systemd_app.py; kill it if the
-    test did not stop it."""
+    """Run systemd-socket-activate with options around the service (systemd_app.py
+    unless given); kill it if the test did not stop it."""
     assert SOCKET_ACTIVATE is not None
     command = [SOCKET_ACTIVATE, *options, "-E", f"NOTIFY_SOCKET={manager.path}"]
     command += ["-E", f"PYTHONPATH={SRC}"]
     for assignment in setenv:
         command += ["-E", assignment]
-    command += [sys.executable, str(APP)]
+    command += list(service) or [sys.executable, str(APP)]
     fds = [sock.fileno() for sock in passed]
     if fds:
         command = [sys.executable, "-c", LAUNCHER, ",".join(map(str, fds)), *command]
@@ -292,4 +293,25 @@ def test_watchdog_pings_come_from_the_serving_loop(manager: NotifyReceiver) -> N
                 manager.wait_for("READY", process)
             pings = [manager.wait_for("WATCHDOG", process)["WATCHDOG"] for _ in range(3)]
             assert pings == ["1", "1", "1"]
+            stop(process, manager)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_servekit_command_serves_an_activated_socket(
+    manager: NotifyReceiver, workers: str
+) -> None:
+    """`servekit echo --bind fd://web` serves the socket systemd passed under that name, reports READY=1, and STOPPING=1 on SIGTERM."""
+    with socket.socket() as listener:
+        listener.bind((LOCALHOST, 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        service = [sys.executable, "-m", "servekit", "echo", "--bind", "fd://web"]
+        service += ["--workers", workers]
+        with activated(["--fdname=web"], manager, passed=[listener], service=service) as process:
+            listener.close()  # the service holds it now
+            with connect((LOCALHOST, port)) as sock, sock.makefile("rb") as reader:
+                sock.sendall(b"activated\n")
+                ready = manager.wait_for("READY", process)
+                assert ready["READY"] == "1"
+                assert reader.readline() == b"activated\n"
             stop(process, manager)
