@@ -17,6 +17,8 @@ import dataclasses
 import ipaddress
 import re
 
+from servekit.errors import ServekitError
+
 __all__ = ["Address", "AddressError", "parse_address", "parse_addresses"]
 
 # Linux's sockaddr_un.sun_path is 108 bytes including the terminating NUL.
@@ -25,7 +27,7 @@ UNIX_PATH_MAX = 107
 _SCHEMES = ("tcp", "udp", "unix", "unix-dgram", "fd")
 
 
-class AddressError(ValueError):
+class AddressError(ServekitError, ValueError):
     """An address string cannot be understood."""
 
 

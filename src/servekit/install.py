@@ -19,6 +19,7 @@ import threading
 import types
 
 import servekit.core as _core
+from servekit.errors import ServekitError
 
 __all__ = ["InstallError", "install", "installed", "uninstall"]
 
@@ -28,7 +29,7 @@ _installed = False
 _original_modules: dict[str, str] = {}
 
 
-class InstallError(RuntimeError):
+class InstallError(ServekitError, RuntimeError):
     """install() cannot take effect: modules already imported the stdlib socketserver."""
 
 

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from servekit.errors import ServekitError
 from servekit.settings import (
     Configurable,
     knob,
@@ -79,7 +80,7 @@ def time_left() -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-class LineTooLongError(ValueError):
+class LineTooLongError(ServekitError, ValueError):
     """A line exceeded the allowed length before its newline arrived."""
 
 

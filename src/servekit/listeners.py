@@ -11,24 +11,15 @@
 #      closed (and their Unix socket files removed) and the error names the address.
 #   3. activate: listen(), set the options accepted connections inherit, and only then
 #      publish each Unix socket file under its final name.
-# A Unix socket file is bound under a random temporary name in the same directory, given
-# its mode and owner there, and published with link() (which never replaces an existing
-# file) or, on a file system without hard links, rename(). Either way the final path
-# never exists with other permissions, and nothing depends on the umask, which is
-# process-wide and so racy with threads. A file already at the path is replaced only when
-# it is a socket that nobody listens on (connect() is refused); the file is removed
-# again on close only by the process that bound it, and only if it is still the same
-# file (st_dev, st_ino), so a successor's socket is never deleted.
+# Unix socket files (temporary name, atomic publish, stale-file checks, removal by
+# their owner only) are servekit.unixfiles' business.
 from __future__ import annotations
 
 import dataclasses
 import errno
-import grp
 import ipaddress
 import logging
 import os
-import pwd
-import secrets
 import socket
 import stat
 import sys
@@ -36,9 +27,19 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from servekit.addresses import UNIX_PATH_MAX, Address, AddressError, parse_addresses
-from servekit.settings import Configurable, SettingError, knob, positive
+from servekit.addresses import Address, AddressError, parse_addresses
+from servekit.errors import ListenerError
+from servekit.settings import Configurable, knob, positive
 from servekit.systemd import InheritedSocket, is_socket_activated, listen_fds
+from servekit.unixfiles import (
+    UnixSocketFile,
+    bind_socket_file,
+    check_path,
+    file_kind,
+    publish,
+    remove_if_same,
+    resolve_ids,
+)
 
 if TYPE_CHECKING:
     from servekit.core.sockets import TCPServer
@@ -83,28 +84,7 @@ MAX_TCP_KEEPCNT = 127
 # Elsewhere they are set again on each accepted connection, in get_request().
 KERNEL_COPIES_TCP_OPTIONS = sys.platform.startswith("linux")
 
-# A temporary name is ".sk" and 8 random hex digits: 16**8 names, so the bounded retry
-# on a clash is there for correctness, not because a clash is expected.
-_TEMP_PREFIX = ".sk"
-_TEMP_ATTEMPTS = 8
-# Publishing retries when a stale file is removed and something re-creates the path
-# before our link(); more than a few rounds means another server is starting on it.
-_PUBLISH_ATTEMPTS = 3
-# errno values with which link() says the file system has no hard links for us.
-_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK})
-
 _KIND_NAMES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram"}
-
-
-class ListenerError(OSError):
-    """A listening socket cannot be set up; the message names the address and the cause.
-
-    An OSError, so code that catches a failed bind from TCPServer keeps working; errno is
-    the system's (EADDRINUSE, ENOTSOCK, ...) where there is one.
-    """
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 # -- settings --------------------------------------------------------------------------
@@ -399,7 +379,7 @@ def _adopt(address: Address) -> list[_Plan]:
     if not stat.S_ISSOCK(mode):
         raise ListenerError(
             errno.ENOTSOCK,
-            f"{_label(address)}: descriptor {fd} is a {_file_kind(mode)}, not a socket",
+            f"{_label(address)}: descriptor {fd} is a {file_kind(mode)}, not a socket",
         )
     was_inheritable = os.get_inheritable(fd)
     sock = socket.socket(fileno=fd)
@@ -472,19 +452,6 @@ def _inherited_plan(
     return plan
 
 
-def _file_kind(mode: int) -> str:
-    kinds = (
-        (stat.S_ISREG, "regular file"),
-        (stat.S_ISDIR, "directory"),
-        (stat.S_ISFIFO, "FIFO"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-        (stat.S_ISLNK, "symbolic link"),
-        (stat.S_ISSOCK, "socket"),
-    )
-    return next((name for test, name in kinds if test(mode)), "file of unknown type")
-
-
 def _check_kinds(plans: Sequence[_Plan], stream: bool | None) -> None:
     streams = [_label(p.address) for p in plans if p.type == socket.SOCK_STREAM]
     datagrams = [_label(p.address) for p in plans if p.type == socket.SOCK_DGRAM]
@@ -532,17 +499,6 @@ def _release(plans: Iterable[_Plan]) -> None:
 
 
 @dataclasses.dataclass(eq=False)
-class _UnixFile:
-    """A Unix socket file this process created: where, which file, and who may remove it."""
-
-    path: str  # absolute final path
-    temporary: str  # absolute temporary path, the name the socket is bound to
-    pid: int
-    identity: tuple[int, int]  # (st_dev, st_ino)
-    published: bool = False
-
-
-@dataclasses.dataclass(eq=False)
 class Listener:
     """One listening socket, the address it was made from, and what closing it does."""
 
@@ -550,7 +506,7 @@ class Listener:
     address: Address
     #: Adopted from a descriptor (fd://): never re-bound, its file never removed.
     inherited: bool = False
-    _unix_file: _UnixFile | None = dataclasses.field(default=None, repr=False)
+    _unix_file: UnixSocketFile | None = dataclasses.field(default=None, repr=False)
 
     #: The bound address: (host, port) with the real port, or the Unix socket path.
     name: Any = dataclasses.field(init=False)
@@ -574,23 +530,9 @@ class Listener:
         try:
             if unix_file is not None and unix_file.pid == os.getpid():
                 target = unix_file.path if unix_file.published else unix_file.temporary
-                _remove_if_same(target, unix_file.identity)
+                remove_if_same(target, unix_file.identity)
         finally:
             self.socket.close()
-
-
-def _remove_if_same(path: str, identity: tuple[int, int]) -> None:
-    try:
-        st = os.lstat(path)
-        if (st.st_dev, st.st_ino) != identity:
-            log.debug("not removing %s: it is another server's socket file now", path)
-            return
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        # Closing must finish: a file we cannot remove is reported, not raised.
-        log.warning("could not remove socket file %s: %s", path, exc.strerror)
 
 
 def _bind(
@@ -621,7 +563,19 @@ def _bind(
         if plan.address.is_abstract:
             sock.bind(plan.sockaddr)  # the abstract namespace has no file to manage
             return Listener(sock, plan.address)
-        return Listener(sock, plan.address, _unix_file=_bind_unix_file(sock, plan, options, ids))
+        return Listener(
+            sock,
+            plan.address,
+            _unix_file=bind_socket_file(
+                sock,
+                plan.address.path,
+                options.unix_socket_mode,
+                ids,
+                _label(plan.address),
+                owner=options.unix_socket_owner,
+                group=options.unix_socket_group,
+            ),
+        )
     except ListenerError:
         sock.close()
         raise
@@ -633,184 +587,6 @@ def _bind(
     except BaseException:
         sock.close()
         raise
-
-
-def _bind_unix_file(
-    sock: socket.socket, plan: _Plan, options: ListenerOptions, ids: tuple[int, int]
-) -> _UnixFile:
-    path = plan.address.path
-    mode = options.unix_socket_mode
-    # Linux creates the file with the socket inode's mode minus the umask, so after this
-    # the file never has a permission bit that mode lacks, even under its temporary name.
-    os.fchmod(sock.fileno(), mode)
-    directory = os.path.dirname(path)
-    for _ in range(_TEMP_ATTEMPTS):
-        temporary = os.path.join(directory, _TEMP_PREFIX + secrets.token_hex(4))
-        length = len(os.fsencode(temporary))
-        if length > UNIX_PATH_MAX:
-            spare = UNIX_PATH_MAX - (length - len(os.fsencode(path)))
-            raise ListenerError(
-                errno.ENAMETOOLONG,
-                f"{_label(plan.address)}: the temporary name {temporary!r}, under which the "
-                f"socket gets its permissions before it appears, is {length} bytes, over "
-                f"the kernel's {UNIX_PATH_MAX}; use a path of at most {spare} bytes",
-            )
-        try:
-            sock.bind(temporary)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                continue
-            raise
-        break
-    else:
-        raise ListenerError(
-            errno.EEXIST,
-            f"{_label(plan.address)}: {_TEMP_ATTEMPTS} random temporary names in "
-            f"{directory or '.'} were all taken",
-        )
-    try:
-        os.chmod(temporary, mode)  # exactly mode: the umask may have removed bits
-        if ids != (-1, -1):
-            try:
-                os.chown(temporary, *ids)
-            except OSError as exc:
-                raise ListenerError(
-                    exc.errno,
-                    f"{_label(plan.address)}: cannot give the socket file to owner "
-                    f"{options.unix_socket_owner!r}, group {options.unix_socket_group!r}: "
-                    f"{exc.strerror} (a new owner needs root or CAP_CHOWN; a group, "
-                    "membership of it)",
-                ) from None
-        st = os.lstat(temporary)
-    except BaseException:
-        _unlink_quietly(temporary)
-        raise
-    return _UnixFile(
-        os.path.abspath(path), os.path.abspath(temporary), os.getpid(), (st.st_dev, st.st_ino)
-    )
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass  # already gone, or never ours to remove; nothing to report
-
-
-def _resolve_ids(options: ListenerOptions) -> tuple[int, int]:
-    """(uid, gid) for os.chown, -1 for "unchanged"; names resolved before binding."""
-    uid = gid = -1
-    owner, owner_group = options.unix_socket_owner, options.unix_socket_group
-    if isinstance(owner, str) and owner.isdigit():
-        owner = int(owner)
-    if isinstance(owner_group, str) and owner_group.isdigit():
-        owner_group = int(owner_group)
-    if isinstance(owner, int):
-        uid = owner
-    elif owner is not None:
-        try:
-            uid = pwd.getpwnam(owner).pw_uid
-        except KeyError:
-            raise SettingError(f"unix_socket_owner={owner!r}: no such user") from None
-    if isinstance(owner_group, int):
-        gid = owner_group
-    elif owner_group is not None:
-        try:
-            gid = grp.getgrnam(owner_group).gr_gid
-        except KeyError:
-            raise SettingError(f"unix_socket_group={owner_group!r}: no such group") from None
-    return uid, gid
-
-
-# -- Unix socket files: who is at the path? ------------------------------------------------
-
-
-def _check_path(path: str, address: Address, kind: int) -> os.stat_result | None:
-    """None if nothing is at path; its stat if it is a socket nobody listens on.
-
-    Raises ListenerError, touching nothing, for a live socket or a file that is not a
-    socket.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ListenerError(
-            exc.errno, f"{_label(address)}: cannot inspect {path}: {exc.strerror}"
-        ) from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ListenerError(
-            errno.EEXIST,
-            f"{_label(address)}: {path} exists and is a {_file_kind(st.st_mode)}, not a "
-            "socket; not removing it",
-        )
-    with socket.socket(socket.AF_UNIX, kind) as probe:
-        # Non-blocking: a live server whose backlog is full makes connect() wait.
-        probe.setblocking(False)
-        try:
-            probe.connect(path)
-        except FileNotFoundError:
-            return None  # removed meanwhile
-        except ConnectionRefusedError:
-            return st  # a file without a socket behind it: a crashed server's
-        except BlockingIOError:
-            pass  # alive, with a full backlog
-        except OSError as exc:
-            if exc.errno != errno.EPROTOTYPE:  # alive, and of the other socket type
-                raise ListenerError(
-                    exc.errno,
-                    f"{_label(address)}: cannot tell whether {path} is in use: "
-                    f"connect() failed with {exc.strerror}; not removing it",
-                ) from None
-    raise ListenerError(
-        errno.EADDRINUSE,
-        f"{_label(address)}: another server is listening on {path}; not removing its socket file",
-    )
-
-
-def _remove_stale(path: str, address: Address, kind: int) -> None:
-    st = _check_path(path, address, kind)
-    if st is None:
-        return
-    try:
-        now = os.lstat(path)
-        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-            os.unlink(path)
-            log.info("removed stale socket file %s (nothing was listening on it)", path)
-    except FileNotFoundError:
-        pass
-
-
-def _publish(unix_file: _UnixFile, address: Address, kind: int) -> None:
-    """Give the bound socket its final name; never replace a live socket or a non-socket."""
-    for _ in range(_PUBLISH_ATTEMPTS):
-        try:
-            # link() fails with EEXIST instead of replacing: nothing that appeared at the
-            # path since we looked is ever overwritten.
-            os.link(unix_file.temporary, unix_file.path)
-        except FileExistsError:
-            _remove_stale(unix_file.path, address, kind)
-            continue
-        except OSError as exc:
-            if exc.errno not in _NO_HARD_LINKS:
-                raise ListenerError(
-                    exc.errno, f"cannot create {_label(address)}: {exc.strerror}"
-                ) from None
-            # No hard links here: check, then rename() over a stale file atomically.
-            # Another server starting on this path in the instant between could lose
-            # its file; only link() closes that gap.
-            _check_path(unix_file.path, address, kind)
-            os.rename(unix_file.temporary, unix_file.path)
-        else:
-            _unlink_quietly(unix_file.temporary)
-        unix_file.published = True
-        return
-    raise ListenerError(
-        errno.EADDRINUSE,
-        f"{_label(address)}: {unix_file.path} was re-created {_PUBLISH_ATTEMPTS} times while "
-        "a stale socket file was being replaced; is another server starting on it?",
-    )
 
 
 # -- phase 3: activation -------------------------------------------------------------------
@@ -858,7 +634,7 @@ def _activate(listener: Listener, options: ListenerOptions, backlog: int) -> Non
     if unix_file is not None and not unix_file.published:
         # Only once listening: a client (or a starting server probing for a stale file)
         # must never find the path refusing connections.
-        _publish(unix_file, listener.address, sock.type)
+        publish(unix_file, _label(listener.address), sock.type)
 
 
 # -- the three phases together -----------------------------------------------------------
@@ -876,7 +652,11 @@ def _bind_all(
     )
     listeners: list[Listener] = []
     try:
-        ids = _resolve_ids(options) if needs_ids else (-1, -1)
+        ids = (
+            resolve_ids(options.unix_socket_owner, options.unix_socket_group)
+            if needs_ids
+            else (-1, -1)
+        )
         for plan in plans:
             # Before binding anything: a live server or a foreign file at a path stops
             # start-up with nothing to undo.
@@ -885,7 +665,7 @@ def _bind_all(
                 and plan.family == socket.AF_UNIX
                 and not plan.address.is_abstract
             ):
-                _check_path(plan.address.path, plan.address, plan.type)
+                check_path(plan.address.path, _label(plan.address), plan.type)
         for index, plan in enumerate(plans):
             listeners.append(_bind(plan, options, ids, first_socket if index == 0 else None))
     except BaseException:

@@ -45,6 +45,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
+from servekit.errors import ServekitError
 from servekit.protocols.proxy import (
     V1_MAX_LENGTH,
     V2_HEADER_LENGTH,
@@ -123,7 +124,7 @@ class ProxyConfigError(SettingError):
     """The PROXY protocol settings cannot work: the message names the setting and value."""
 
 
-class ProxyHeaderError(Exception):
+class ProxyHeaderError(ServekitError):
     """A peer did not deliver a PROXY header the server accepts.
 
     None at all, a malformed one, one too slow or cut short, or one from a peer outside

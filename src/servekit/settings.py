@@ -18,6 +18,8 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar, cast
 
+from servekit.errors import ServekitError
+
 __all__ = ["Configurable", "Knob", "SettingError", "all_knobs", "knob", "knobs_of"]
 
 T = TypeVar("T")
@@ -25,7 +27,7 @@ T = TypeVar("T")
 _REGISTRY: list[Knob[Any]] = []
 
 
-class SettingError(ValueError):
+class SettingError(ServekitError, ValueError):
     """A setting was given a value it cannot take."""
 
 

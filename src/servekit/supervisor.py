@@ -50,6 +50,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from servekit.errors import ServekitError
+
 __all__ = [
     "EXIT_BOOT_ERROR",
     "EXIT_CRASH",
@@ -82,7 +84,7 @@ RESTART_DELAY_MIN = 0.1
 RESTART_DELAY_MAX = 10.0
 
 
-class SupervisorError(RuntimeError):
+class SupervisorError(ServekitError, RuntimeError):
     """The supervisor cannot keep workers running (e.g. every worker fails to boot)."""
 
 

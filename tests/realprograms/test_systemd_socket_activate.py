@@ -297,9 +297,7 @@ def test_watchdog_pings_come_from_the_serving_loop(manager: NotifyReceiver) -> N
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_servekit_command_serves_an_activated_socket(
-    manager: NotifyReceiver, workers: str
-) -> None:
+def test_servekit_command_serves_an_activated_socket(manager: NotifyReceiver, workers: str) -> None:
     """`servekit echo --bind fd://web` serves the socket systemd passed under that name, reports READY=1, and STOPPING=1 on SIGTERM."""
     with socket.socket() as listener:
         listener.bind((LOCALHOST, 0))

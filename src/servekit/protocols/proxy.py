@@ -55,6 +55,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
+from servekit.errors import ServekitError
+
 __all__ = [
     "PP2_CLIENT_CERT_CONN",
     "PP2_CLIENT_CERT_SESS",
@@ -176,7 +178,7 @@ _SSL_FIXED_LENGTH: Final = 5
 _QUOTE_LIMIT: Final = 40
 
 
-class ProxyProtocolError(ValueError):
+class ProxyProtocolError(ServekitError, ValueError):
     """The bytes are not a valid PROXY protocol header, or not yet one that can be.
 
     The only exception parse() raises for any input. The message names the case, quotes

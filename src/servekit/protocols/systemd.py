@@ -23,6 +23,8 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 
+from servekit.errors import ServekitError
+
 __all__ = [
     "DEFAULT_FD_NAME",
     "LISTEN_VARIABLES",
@@ -91,11 +93,11 @@ _STATUS_ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\0": "\\0"})
 _TRUNCATED = "..."
 
 
-class SystemdEnvironmentError(ValueError):
+class SystemdEnvironmentError(ServekitError, ValueError):
     """A systemd variable meant for this process holds a value systemd would reject."""
 
 
-class NotifyMessageError(ValueError):
+class NotifyMessageError(ServekitError, ValueError):
     """A notification message the service manager would misread or drop."""
 
 

@@ -1,0 +1,24 @@
+# The root of servekit's exceptions. Every error servekit raises on purpose derives
+# from ServekitError *and* from the built-in class it has always been (ValueError for
+# bad values, OSError for listening failures, RuntimeError for state), so callers may
+# catch either: `except servekit.errors.ServekitError` for "anything servekit refused",
+# or the built-in class as before. Standard library only, no I/O: the sans-IO protocol
+# modules import it too.
+from __future__ import annotations
+
+__all__ = ["ListenerError", "ServekitError"]
+
+
+class ServekitError(Exception):
+    """Base class of the exceptions servekit raises."""
+
+
+class ListenerError(ServekitError, OSError):
+    """A listening socket cannot be set up; the message names the address and the cause.
+
+    An OSError, so code that catches a failed bind from TCPServer keeps working; errno is
+    the system's (EADDRINUSE, ENOTSOCK, ...) where there is one.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
