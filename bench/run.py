@@ -190,9 +190,7 @@ SCENARIOS = [
     ),
 ]
 
-SCENARIO_GROUPS = {
-    "pingpong": ["pingpong-1", "pingpong-16", "pingpong-128", "pingpong-128-open"]
-}
+SCENARIO_GROUPS = {"pingpong": ["pingpong-1", "pingpong-16", "pingpong-128", "pingpong-128-open"]}
 
 
 @dataclass(frozen=True)
