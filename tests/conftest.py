@@ -1,10 +1,14 @@
-"""Suite-wide checks: no test may leave a zombie child behind."""
+"""Suite-wide fixtures (TLS certificates, a log watcher) and checks (no zombie child)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+
+from tests.tls_certs import tls_certs, tls_log
+
+__all__ = ["tls_certs", "tls_log"]  # fixtures, made available to every test module
 
 try:
     import psutil

@@ -19,7 +19,7 @@ import re
 
 from servekit.errors import ServekitError
 
-__all__ = ["Address", "AddressError", "parse_address", "parse_addresses"]
+__all__ = ["Address", "AddressError", "format_peer", "parse_address", "parse_addresses"]
 
 # Linux's sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 107
@@ -170,3 +170,14 @@ def _parse_fd(text: str, original: str) -> Address:
     if not re.fullmatch(r"[A-Za-z0-9_.@+-]{1,255}", text):
         raise AddressError(f"{text!r} is not a descriptor number or name in {original!r}")
     return Address("fd", fd_name=text, text=original)
+
+
+def format_peer(address: object) -> str:
+    """A client's address for a log line: host:port, [v6]:port, a Unix path, or a name
+    for a peer that has none (an unbound Unix client)."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(address, (str, bytes)) and address:
+        return repr(address)
+    return "an unnamed Unix peer"

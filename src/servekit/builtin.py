@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 
+from servekit.addresses import format_peer
 from servekit.core import DatagramRequestHandler, StreamRequestHandler
+from servekit.limits import LineTooLongError, readline_limited
 
 __all__ = ["DatagramEchoHandler", "EchoHandler"]
 
@@ -24,16 +26,14 @@ class EchoHandler(StreamRequestHandler):
     disable_nagle_algorithm = True
 
     def handle(self) -> None:
-        limit = self.max_line_length
         while True:
-            line = self.rfile.readline(limit + 1)
-            if not line:
+            try:
+                line = readline_limited(self.rfile, self.max_line_length)
+            except LineTooLongError as exc:
+                log.info("%s: %s; closing", format_peer(self.client_address), exc)
+                self.wfile.write(b"error: %s\n" % str(exc).encode())
                 return
-            if len(line) > limit:
-                log.info(
-                    "%s: line longer than %d bytes; closing", _peer(self.client_address), limit
-                )
-                self.wfile.write(b"error: line longer than %d bytes\n" % limit)
+            if not line:
                 return
             self.wfile.write(line)
 
@@ -43,10 +43,3 @@ class DatagramEchoHandler(DatagramRequestHandler):
 
     def handle(self) -> None:
         self.wfile.write(self.packet)
-
-
-def _peer(address: object) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address) or "unix client"

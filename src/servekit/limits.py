@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from servekit.addresses import format_peer
 from servekit.errors import ServekitError
 from servekit.settings import (
     Configurable,
@@ -317,7 +318,7 @@ class LimitsMixIn(Configurable, _MixinBase):
 
     def _drop(self, pending: _Pending, reason: str) -> None:
         if reason:
-            log.info("%s: %s; closing", _peer(pending.client_address), reason)
+            log.info("%s: %s; closing", format_peer(pending.client_address), reason)
         self.shutdown_request(pending.request)
 
     def _next_deadline(self) -> float | None:
@@ -352,7 +353,7 @@ class LimitsMixIn(Configurable, _MixinBase):
             # instead of handle_error()'s traceback.
             log.info(
                 "%s: silent for more than idle_timeout=%ss; closing",
-                _peer(client_address),
+                format_peer(client_address),
                 self.idle_timeout,
             )
         finally:
@@ -390,10 +391,3 @@ class _LimitsState:
         self.open: set[int] = set()
         self.deadlines: dict[int, float | None] = {}
         self.room: _WaitingRoom | None = None
-
-
-def _peer(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address) or "unix client"

@@ -337,7 +337,11 @@ class ThreadPoolMixIn(Configurable, _MixinBase):
         self.socket.setblocking(False)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """Run one request on a pool thread: finish, report errors, always close."""
+        """Run one request on a pool thread: finish, report errors, always close.
+
+        The same steps as ThreadingMixIn.process_request_thread, so a subclass that
+        overrides one behaves the same with either.
+        """
         try:
             self.finish_request(request, client_address)
         except Exception:

@@ -45,6 +45,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
+from servekit.addresses import format_peer
 from servekit.errors import ServekitError
 from servekit.protocols.proxy import (
     V1_MAX_LENGTH,
@@ -334,14 +335,9 @@ def is_trusted(peer: Any, networks: Sequence[Network]) -> bool:
 
 
 def _describe(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    if isinstance(address, (str, bytes)) and address:
-        return repr(address)
     if address is None:
         return "the peer"  # read_header() called without naming it
-    return "an unnamed Unix peer"
+    return format_peer(address)
 
 
 def _quote(data: bytes) -> str:

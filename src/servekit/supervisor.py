@@ -585,14 +585,7 @@ class Supervisor:
     def _check_workers(self, now: float) -> None:
         for worker in list(self._workers.values()):
             if worker.kill_at is not None and now >= worker.kill_at and not worker.killed:
-                log.warning(
-                    "%s: worker %d (pid %d) did not stop in time; killing it",
-                    self.name,
-                    worker.index,
-                    worker.pid,
-                )
-                self._signal(worker, signal.SIGKILL)
-                worker.killed = True
+                self._kill(worker, "did not stop in time")
                 continue
             beat, _requests, state = self._slots.read(worker.index)
             if state is WorkerState.DRAINING and not worker.retiring and worker.stop_sent is None:
@@ -606,15 +599,7 @@ class Supervisor:
                 and now - worker.started > self.worker_timeout
                 and not worker.killed
             ):
-                log.warning(
-                    "%s: worker %d (pid %d) did not start serving within %ss; killing it",
-                    self.name,
-                    worker.index,
-                    worker.pid,
-                    self.worker_timeout,
-                )
-                self._signal(worker, signal.SIGKILL)
-                worker.killed = True
+                self._kill(worker, f"did not start serving within {self.worker_timeout}s")
                 continue
             if (
                 self.worker_timeout is not None
@@ -623,17 +608,17 @@ class Supervisor:
                 and now - beat > self.worker_timeout
                 and not worker.killed
             ):
-                log.warning(
-                    "%s: worker %d (pid %d) stuck for %.1fs (worker_timeout=%ss); killing it",
-                    self.name,
-                    worker.index,
-                    worker.pid,
-                    now - beat,
-                    self.worker_timeout,
-                )
                 self.counters.killed_stuck += 1
-                self._signal(worker, signal.SIGKILL)
-                worker.killed = True
+                self._kill(
+                    worker, f"stuck for {now - beat:.1f}s (worker_timeout={self.worker_timeout}s)"
+                )
+
+    def _kill(self, worker: _Worker, why: str) -> None:
+        log.warning(
+            "%s: worker %d (pid %d) %s; killing it", self.name, worker.index, worker.pid, why
+        )
+        self._signal(worker, signal.SIGKILL)
+        worker.killed = True
 
     def _reap(self, worker: _Worker) -> None:
         try:

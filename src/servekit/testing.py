@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from servekit.core.server import BaseServer
 
-__all__ = ["LOCALHOST", "LOCALHOST_V6", "connect", "serving"]
+__all__ = ["LOCALHOST", "LOCALHOST_V6", "connect", "has_ipv6_loopback", "serving"]
 
 LOCALHOST = "127.0.0.1"
 LOCALHOST_V6 = "::1"
@@ -53,3 +53,15 @@ def connect(address: tuple[str, int] | str, timeout: float = 10.0) -> socket.soc
         sock.connect(address)
         return sock
     return socket.create_connection(address[:2], timeout=timeout)
+
+
+def has_ipv6_loopback() -> bool:
+    """True if this host can bind ::1 (containers and some CI runners cannot)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind((LOCALHOST_V6, 0))
+    except OSError:
+        return False
+    return True

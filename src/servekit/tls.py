@@ -35,6 +35,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from servekit.addresses import format_peer
 from servekit.settings import Configurable, SettingError, knob, positive
 
 if TYPE_CHECKING:
@@ -288,15 +289,6 @@ def describe_handshake_error(
     if isinstance(exc, OSError) and exc.errno == errno.ENOTCONN:
         return logging.INFO, "client disconnected before the handshake"
     return logging.INFO, f"handshake failed: {exc}"
-
-
-def _format_address(client_address: Any) -> str:
-    if isinstance(client_address, tuple) and len(client_address) >= 2:
-        host, port = client_address[0], client_address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    if isinstance(client_address, (str, bytes)) and client_address:
-        return repr(client_address)
-    return "unnamed peer"  # Unix sockets: an unbound client has no address
 
 
 # -- the orderly close ----------------------------------------------------------------
@@ -651,7 +643,7 @@ class TLSMixIn(Configurable, _MixinBase):
         level and reason used here.
         """
         level, reason = describe_handshake_error(exc, timeout=self.handshake_timeout)
-        log.log(level, "TLS handshake with %s failed: %s", _format_address(client_address), reason)
+        log.log(level, "TLS handshake with %s failed: %s", format_peer(client_address), reason)
 
 
 def _is_plaintext_http(exc: BaseException) -> bool:

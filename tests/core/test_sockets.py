@@ -8,7 +8,7 @@ import socket
 import pytest
 
 import servekit
-from servekit.testing import LOCALHOST, LOCALHOST_V6, connect, serving
+from servekit.testing import LOCALHOST, LOCALHOST_V6, connect, has_ipv6_loopback, serving
 
 
 class LineEcho(servekit.StreamRequestHandler):
@@ -21,16 +21,7 @@ class DatagramEcho(servekit.DatagramRequestHandler):
         self.wfile.write(self.rfile.read())
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind((LOCALHOST_V6, 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
 
 
 @needs_ipv6
@@ -68,7 +59,7 @@ def test_explicit_address_family_is_respected() -> None:
     class V6(servekit.TCPServer):
         address_family = socket.AF_INET6
 
-    if not _has_ipv6_loopback():
+    if not has_ipv6_loopback():
         pytest.skip("no IPv6 loopback here")
     with V6((LOCALHOST_V6, 0), LineEcho) as server:
         assert server.socket.family == socket.AF_INET6

@@ -30,7 +30,7 @@ from servekit.listeners import (
 )
 from servekit.pool import ThreadPoolMixIn
 from servekit.settings import SettingError
-from servekit.testing import LOCALHOST, LOCALHOST_V6, connect, serving
+from servekit.testing import LOCALHOST, LOCALHOST_V6, connect, has_ipv6_loopback, serving
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -57,16 +57,7 @@ class DatagramServer(ListenersMixIn, ThreadPoolMixIn, servekit.UDPServer):
     """Datagram listeners on a pool."""
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind((LOCALHOST_V6, 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 

@@ -52,18 +52,11 @@ from servekit.proxy import (
     proxy_peer,
 )
 from servekit.settings import SettingError, knobs_of
-from servekit.testing import LOCALHOST, LOCALHOST_V6, connect, serving
+from servekit.testing import LOCALHOST, LOCALHOST_V6, connect, has_ipv6_loopback, serving
 from servekit.tls import TLSMixIn, tls_info
 
-# The TLS fixtures and the log watcher live in tests/tls_certs.py; put tests/ on the
-# path (last, so it shadows nothing) so that they load however pytest was started.
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:
-    sys.path.append(_TESTS)
-pytest_plugins = ["tls_certs"]
-
 if TYPE_CHECKING:
-    from tls_certs import CertSet, LogWatcher
+    from tests.tls_certs import CertSet, LogWatcher
 
 # Bounds every client-side wait; the server answers in milliseconds.
 CLIENT_TIMEOUT = 5.0
@@ -179,8 +172,8 @@ def closed_within(sock: socket.socket, timeout: float) -> bool:
 @pytest.fixture
 def proxy_log() -> Iterator[LogWatcher]:
     """Everything servekit.proxy logs during the test, DEBUG included."""
-    # Imported here, once pytest has loaded tls_certs as a plugin (with assertion rewriting).
-    from tls_certs import LogWatcher
+    # Imported here: at module level it is only needed for type checking.
+    from tests.tls_certs import LogWatcher
 
     logger = logging.getLogger("servekit.proxy")
     watcher = LogWatcher()
@@ -559,8 +552,8 @@ def test_unix_stream_server(tmp_path: Path) -> None:
 def test_ipv6_listener() -> None:
     """On an IPv6 listener a LOCAL header keeps the peer's four-item address, and a PROXY header
     gives the two-item (host, port) of its source."""
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
+    if not has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
     with running(address=(LOCALHOST_V6, 0)) as server:
         with connect(server.server_address, CLIENT_TIMEOUT) as sock:
             exchange(sock, build_v2("LOCAL", "UNKNOWN"))

@@ -31,15 +31,8 @@ from servekit.tls import (
     tls_info,
 )
 
-# The fixtures live in tests/tls_certs.py until they move to a conftest; put tests/ on
-# the path (last, so it shadows nothing) so that they load however pytest was started.
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:
-    sys.path.append(_TESTS)
-pytest_plugins = ["tls_certs"]
-
 if TYPE_CHECKING:
-    from tls_certs import CertSet, LogWatcher
+    from tests.tls_certs import CertSet, LogWatcher
 
 # Bounds every client-side wait; the server answers in milliseconds.
 CLIENT_TIMEOUT = 5.0

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from servekit.testing import has_ipv6_loopback
 from tests.integration.procs import ServerProcess
 
 # Debian installs haproxy in /usr/sbin, which an unprivileged PATH often lacks.
@@ -47,17 +48,6 @@ APP = Path(__file__).with_name("proxy_app.py")
 TIMEOUT = 10.0
 # What HAProxy writes on stderr when its health checks take a server out.
 DOWN = r"Server be/{name} is DOWN"
-
-
-def ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 class HAProxy:
@@ -213,7 +203,7 @@ def haproxy_in_front(send: str) -> Iterator[Setup]:
         apps = [stack.enter_context(ServerProcess([sys.executable, str(APP)])) for _ in range(2)]
         ports = [app.wait_ready() for app in apps]
         listeners = [stack.enter_context(socket.create_server(("127.0.0.1", 0)))]
-        if ipv6_loopback():
+        if has_ipv6_loopback():
             listeners.append(
                 stack.enter_context(socket.create_server(("::1", 0), family=socket.AF_INET6))
             )

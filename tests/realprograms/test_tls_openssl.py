@@ -6,9 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -17,15 +15,8 @@ import servekit
 from servekit.testing import LOCALHOST, serving
 from servekit.tls import TLSMixIn, tls_info
 
-# The fixtures live in tests/tls_certs.py until they move to a conftest; put tests/ on
-# the path (last, so it shadows nothing) so that they load however pytest was started.
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:
-    sys.path.append(_TESTS)
-pytest_plugins = ["tls_certs"]
-
 if TYPE_CHECKING:
-    from tls_certs import CertSet, LogWatcher
+    from tests.tls_certs import CertSet, LogWatcher
 
 OPENSSL = shutil.which("openssl")
 
