@@ -9,6 +9,7 @@ Nothing here needs the cryptography package.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -181,16 +182,23 @@ class LogWatcher(logging.Handler):
         return found
 
 
-@pytest.fixture
-def tls_log() -> Iterator[LogWatcher]:
-    """Everything logged to servekit.tls (INFO and up) during the test."""
-    logger = logging.getLogger("servekit.tls")
+@contextlib.contextmanager
+def watching_log(name: str, level: int) -> Iterator[LogWatcher]:
+    """A LogWatcher on logger name at level for the duration of a with block."""
+    logger = logging.getLogger(name)
     watcher = LogWatcher()
     previous = logger.level
     logger.addHandler(watcher)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
     try:
         yield watcher
     finally:
         logger.removeHandler(watcher)
         logger.setLevel(previous)
+
+
+@pytest.fixture
+def tls_log() -> Iterator[LogWatcher]:
+    """Everything logged to servekit.tls (INFO and up) during the test."""
+    with watching_log("servekit.tls", logging.INFO) as watcher:
+        yield watcher

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import threading
 from collections.abc import Iterator
@@ -10,7 +11,14 @@ from typing import TypeVar
 
 from servekit.core.server import BaseServer
 
-__all__ = ["LOCALHOST", "LOCALHOST_V6", "connect", "has_ipv6_loopback", "serving"]
+__all__ = [
+    "LOCALHOST",
+    "LOCALHOST_V6",
+    "closed_by_peer",
+    "connect",
+    "has_ipv6_loopback",
+    "serving",
+]
 
 LOCALHOST = "127.0.0.1"
 LOCALHOST_V6 = "::1"
@@ -65,3 +73,14 @@ def has_ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
+
+
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """True if the peer closes sock (EOF or reset) within timeout, sending nothing first."""
+    readable, _, _ = select.select([sock], [], [], timeout)
+    if not readable:
+        return False
+    try:
+        return sock.recv(1) == b""
+    except ConnectionError:
+        return True

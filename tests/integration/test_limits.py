@@ -18,7 +18,7 @@ from servekit.limits import (
     time_left,
 )
 from servekit.pool import ThreadPoolMixIn
-from servekit.testing import LOCALHOST, connect, serving
+from servekit.testing import LOCALHOST, closed_by_peer, connect, serving
 
 
 class Server(LimitsMixIn, ThreadPoolMixIn, servekit.TCPServer):
@@ -35,17 +35,6 @@ def echo_once(address: tuple[str, int], payload: bytes = b"hello\n", timeout: fl
     with connect(address, timeout) as sock, sock.makefile("rb") as reader:
         sock.sendall(payload)
         return reader.readline()
-
-
-def closed_by_server(sock: socket.socket, timeout: float) -> bool:
-    """True if the server closes sock (EOF or reset) within timeout seconds."""
-    sock.settimeout(timeout)
-    try:
-        return sock.recv(100) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 def test_connection_cap_holds_exactly_under_a_burst() -> None:
@@ -112,7 +101,7 @@ def test_silent_clients_wait_in_the_loop_not_on_threads(caplog: pytest.LogCaptur
             assert echo_once(server.server_address) == b"hello\n"
             for sock in silent:
                 with sock:
-                    assert closed_by_server(sock, 10)
+                    assert closed_by_peer(sock, 10)
             # The count drops just after the close the clients see: a bounded poll.
             deadline = time.monotonic() + 10
             while server.connections and time.monotonic() < deadline:
@@ -159,7 +148,7 @@ def test_200_slowloris_clients_do_not_starve_a_pool_of_8() -> None:
                 started = time.monotonic()
                 assert echo_once(server.server_address, timeout=5) == b"hello\n"
                 assert time.monotonic() - started < 2.0
-            cut = sum(closed_by_server(sock, 10) for sock in slow)
+            cut = sum(closed_by_peer(sock, 10) for sock in slow)
             assert cut == 200
         finally:
             stop.set()
@@ -187,7 +176,7 @@ def test_first_line_too_long_is_refused(caplog: pytest.LogCaptureFixture) -> Non
         ):
             with connect(server.server_address) as sock:
                 sock.sendall(b"y" * 200)
-                assert closed_by_server(sock, 10)
+                assert closed_by_peer(sock, 10)
     assert "first line longer than 100 bytes" in caplog.text
 
 
@@ -204,7 +193,7 @@ def test_idle_timeout_cuts_a_silent_connection(caplog: pytest.LogCaptureFixture)
             with connect(server.server_address) as sock, sock.makefile("rb") as reader:
                 sock.sendall(b"one\n")
                 assert reader.readline() == b"one\n"
-                assert closed_by_server(sock, 10)
+                assert closed_by_peer(sock, 10)
     assert errors == []
     assert "silent for more than idle_timeout=0.3s" in caplog.text
 

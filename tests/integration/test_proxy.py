@@ -8,7 +8,6 @@ import logging
 import pickle
 import queue
 import random
-import select
 import socket
 import struct
 import sys
@@ -52,7 +51,14 @@ from servekit.proxy import (
     proxy_peer,
 )
 from servekit.settings import SettingError, knobs_of
-from servekit.testing import LOCALHOST, LOCALHOST_V6, connect, has_ipv6_loopback, serving
+from servekit.testing import (
+    LOCALHOST,
+    LOCALHOST_V6,
+    closed_by_peer,
+    connect,
+    has_ipv6_loopback,
+    serving,
+)
 from servekit.tls import TLSMixIn, tls_info
 
 if TYPE_CHECKING:
@@ -158,33 +164,13 @@ def read_to_eof(sock: socket.socket) -> bytes:
     return received
 
 
-def closed_within(sock: socket.socket, timeout: float) -> bool:
-    """True if the peer closed (or reset) sock within timeout, without sending data."""
-    readable, _, _ = select.select([sock], [], [], timeout)
-    if not readable:
-        return False
-    try:
-        return sock.recv(1) == b""
-    except ConnectionError:
-        return True
-
-
 @pytest.fixture
 def proxy_log() -> Iterator[LogWatcher]:
     """Everything servekit.proxy logs during the test, DEBUG included."""
-    # Imported here: at module level it is only needed for type checking.
-    from tests.tls_certs import LogWatcher
+    from tests.tls_certs import watching_log
 
-    logger = logging.getLogger("servekit.proxy")
-    watcher = LogWatcher()
-    previous = logger.level
-    logger.addHandler(watcher)
-    logger.setLevel(logging.DEBUG)
-    try:
+    with watching_log("servekit.proxy", logging.DEBUG) as watcher:
         yield watcher
-    finally:
-        logger.removeHandler(watcher)
-        logger.setLevel(previous)
 
 
 # -- the handler sees the real client ------------------------------------------------------
@@ -335,7 +321,7 @@ def test_malformed_header_is_refused_with_the_parsers_reason(
     with running() as server, connect(server.server_address, CLIENT_TIMEOUT) as sock:
         port = sock.getsockname()[1]
         sock.sendall(bad + b"hello\n")
-        assert closed_within(sock, CLIENT_TIMEOUT)
+        assert closed_by_peer(sock, CLIENT_TIMEOUT)
         proxy_log.wait_for("bad PROXY header")
     [record] = [r for r in caplog.records if r.name == "servekit.proxy"]
     assert record.levelno == logging.WARNING
@@ -354,7 +340,7 @@ def test_plaintext_request_is_refused_at_once(proxy_log: LogWatcher) -> None:
         with connect(server.server_address, CLIENT_TIMEOUT) as sock:
             started = time.monotonic()
             sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            assert closed_within(sock, CLIENT_TIMEOUT)
+            assert closed_by_peer(sock, CLIENT_TIMEOUT)
             waited = time.monotonic() - started
         record = proxy_log.wait_for("not a PROXY protocol header")
     assert waited < 2.0
@@ -370,7 +356,7 @@ def test_untrusted_peer_is_refused_on_the_loop_thread(proxy_log: LogWatcher) -> 
         with connect(server.server_address, CLIENT_TIMEOUT) as sock:
             port = sock.getsockname()[1]
             sock.sendall(build_v1("TCP4", CLIENT, SERVER) + b"hello\n")
-            assert closed_within(sock, CLIENT_TIMEOUT)
+            assert closed_by_peer(sock, CLIENT_TIMEOUT)
         record = proxy_log.wait_for("not in proxy_trusted")
     assert record.levelno == logging.WARNING
     assert record.getMessage() == (
@@ -386,7 +372,7 @@ def test_version_not_accepted_is_refused(proxy_log: LogWatcher) -> None:
     with running(proxy_protocol="v2") as server:
         with connect(server.server_address, CLIENT_TIMEOUT) as sock:
             sock.sendall(build_v1("TCP4", CLIENT, SERVER))
-            assert closed_within(sock, CLIENT_TIMEOUT)
+            assert closed_by_peer(sock, CLIENT_TIMEOUT)
         proxy_log.wait_for("bad PROXY header: v1 header refused, only v2 is accepted here")
     assert server.handled.empty()
 
@@ -398,7 +384,7 @@ def test_v2_header_longer_than_the_limit_is_refused(proxy_log: LogWatcher) -> No
     with running() as server:
         with connect(server.server_address, CLIENT_TIMEOUT) as sock:
             sock.sendall(big[:16])  # the length field, nothing after it
-            assert closed_within(sock, CLIENT_TIMEOUT)
+            assert closed_by_peer(sock, CLIENT_TIMEOUT)
         record = proxy_log.wait_for("more than the limit")
     assert record.getMessage().endswith(
         f"v2 header declares {len(big)} bytes (16 + {len(big) - 16}), more than the limit "
@@ -440,8 +426,8 @@ def test_stalled_clients_do_not_delay_others_and_are_cut_off(proxy_log: LogWatch
             with connect(server.server_address, CLIENT_TIMEOUT) as good:
                 assert exchange(good, build_v1("TCP4", CLIENT, SERVER), b"hi\n") == b"hi\n"
             served = time.monotonic() - started
-            assert closed_within(silent, CLIENT_TIMEOUT)
-            assert closed_within(partial, CLIENT_TIMEOUT)
+            assert closed_by_peer(silent, CLIENT_TIMEOUT)
+            assert closed_by_peer(partial, CLIENT_TIMEOUT)
             cut_off = time.monotonic() - started
         silent_record = proxy_log.wait_for(f"no PROXY header within {SHORT_TIMEOUT:g}s")
         partial_record = proxy_log.wait_for("PROXY header incomplete after")
@@ -470,8 +456,8 @@ def test_stalled_clients_filling_the_pool_delay_others_by_the_timeout_at_most() 
                 assert exchange(good, build_v1("TCP4", CLIENT, SERVER), b"hi\n") == b"hi\n"
             served = time.monotonic() - started
             # A worker was freed by cutting one stalled client off; the other follows.
-            assert closed_within(first, 0) or closed_within(second, 0)
-            assert closed_within(first, CLIENT_TIMEOUT) and closed_within(second, CLIENT_TIMEOUT)
+            assert closed_by_peer(first, 0) or closed_by_peer(second, 0)
+            assert closed_by_peer(first, CLIENT_TIMEOUT) and closed_by_peer(second, CLIENT_TIMEOUT)
     assert SHORT_TIMEOUT * 0.9 <= served < SHORT_TIMEOUT + CLIENT_TIMEOUT
     assert server.handled.get_nowait().client_address == CLIENT
 

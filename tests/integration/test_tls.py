@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import queue
-import select
 import shutil
 import socket
 import ssl
@@ -21,7 +20,7 @@ import pytest
 
 import servekit
 from servekit.settings import SettingError
-from servekit.testing import LOCALHOST, connect, serving
+from servekit.testing import LOCALHOST, closed_by_peer, connect, serving
 from servekit.tls import (
     TLSConfigError,
     TLSInfo,
@@ -137,17 +136,6 @@ def read_to_eof(sock: socket.socket) -> bytes | None:
     except (ssl.SSLError, ConnectionError):
         return None
     return received
-
-
-def closed_within(sock: socket.socket, timeout: float) -> bool:
-    """True if the peer closed (or reset) sock within timeout."""
-    readable, _, _ = select.select([sock], [], [], timeout)
-    if not readable:
-        return False
-    try:
-        return sock.recv(1) == b""
-    except ConnectionError:
-        return True
 
 
 # -- serving -----------------------------------------------------------------------------
@@ -319,8 +307,8 @@ def test_stalled_client_does_not_block_others_and_is_cut_off(
             started = time.monotonic()
             with tls_connect(server.server_address, tls_certs.client_context()) as other:
                 assert round_trip(other, b"not blocked\n") == b"not blocked\n"
-            assert not closed_within(stalled, 0), "served the other client only after the stall"
-            assert closed_within(stalled, CLIENT_TIMEOUT)
+            assert not closed_by_peer(stalled, 0), "served the other client only after the stall"
+            assert closed_by_peer(stalled, CLIENT_TIMEOUT)
             waited = time.monotonic() - started
         record = tls_log.wait_for("handshake not completed within 0.5s")
     # The server's clock starts after our connect(), so it cannot have cut us off sooner.
