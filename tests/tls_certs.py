@@ -1,4 +1,4 @@
-"""Fixtures for the TLS tests: throwaway certificates, and a watcher for servekit.tls logs.
+"""Fixtures for the TLS tests: throwaway certificates, and a watcher for servekit.features.tls logs.
 
 The certificates are made once per session with the openssl command. A test CA signs two
 server certificates (for reload) and a client certificate; a second, untrusted CA signs a
@@ -199,6 +199,6 @@ def watching_log(name: str, level: int) -> Iterator[LogWatcher]:
 
 @pytest.fixture
 def tls_log() -> Iterator[LogWatcher]:
-    """Everything logged to servekit.tls (INFO and up) during the test."""
+    """Everything logged to servekit.features.tls (INFO and up) during the test."""
     with watching_log("servekit.tls", logging.INFO) as watcher:
         yield watcher

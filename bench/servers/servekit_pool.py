@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 from common import announce, parse_args
 from handlers import DatagramEchoHandler, LineEchoHandler
 
-from servekit.pool import ThreadPoolTCPServer, ThreadPoolUDPServer
+from servekit.features.pool import ThreadPoolTCPServer, ThreadPoolUDPServer
 
 THREADS = 128
 

@@ -12,8 +12,8 @@ from common import announce, parse_args
 from handlers import DatagramEchoHandler, LineEchoHandler
 
 import servekit
-from servekit.pool import ThreadPoolMixIn
-from servekit.prefork import PreforkMixIn
+from servekit.features.pool import ThreadPoolMixIn
+from servekit.process.prefork import PreforkMixIn
 
 WORKERS = 2
 THREADS = 64

@@ -23,19 +23,19 @@ from servekit.install import installed as installed
 from servekit.install import uninstall as uninstall
 
 if TYPE_CHECKING:
-    from servekit.limits import LimitsMixIn as LimitsMixIn
-    from servekit.listeners import ListenerOptions as ListenerOptions
-    from servekit.listeners import ListenersMixIn as ListenersMixIn
-    from servekit.pool import ThreadPoolMixIn as ThreadPoolMixIn
-    from servekit.pool import ThreadPoolTCPServer as ThreadPoolTCPServer
-    from servekit.pool import ThreadPoolUDPServer as ThreadPoolUDPServer
-    from servekit.pool import ThreadPoolUnixDatagramServer as ThreadPoolUnixDatagramServer
-    from servekit.pool import ThreadPoolUnixStreamServer as ThreadPoolUnixStreamServer
-    from servekit.pool import WorkerPool as WorkerPool
-    from servekit.prefork import PreforkMixIn as PreforkMixIn
-    from servekit.proxy import ProxyProtocolMixIn as ProxyProtocolMixIn
-    from servekit.supervisor import Supervisor as Supervisor
-    from servekit.tls import TLSMixIn as TLSMixIn
+    from servekit.features.limits import LimitsMixIn as LimitsMixIn
+    from servekit.features.listeners import ListenerOptions as ListenerOptions
+    from servekit.features.listeners import ListenersMixIn as ListenersMixIn
+    from servekit.features.pool import ThreadPoolMixIn as ThreadPoolMixIn
+    from servekit.features.pool import ThreadPoolTCPServer as ThreadPoolTCPServer
+    from servekit.features.pool import ThreadPoolUDPServer as ThreadPoolUDPServer
+    from servekit.features.pool import ThreadPoolUnixDatagramServer as ThreadPoolUnixDatagramServer
+    from servekit.features.pool import ThreadPoolUnixStreamServer as ThreadPoolUnixStreamServer
+    from servekit.features.pool import WorkerPool as WorkerPool
+    from servekit.features.proxy import ProxyProtocolMixIn as ProxyProtocolMixIn
+    from servekit.features.tls import TLSMixIn as TLSMixIn
+    from servekit.process.prefork import PreforkMixIn as PreforkMixIn
+    from servekit.process.supervisor import Supervisor as Supervisor
 
 __version__ = "0.1.0.dev0"
 
@@ -43,19 +43,19 @@ __all__ = list(_SOCKETSERVER_ALL)
 
 # Production names and the module that defines each; loaded on first access (PEP 562).
 _LAZY = {
-    "ThreadPoolMixIn": "servekit.pool",
-    "ThreadPoolTCPServer": "servekit.pool",
-    "ThreadPoolUDPServer": "servekit.pool",
-    "ThreadPoolUnixStreamServer": "servekit.pool",
-    "ThreadPoolUnixDatagramServer": "servekit.pool",
-    "WorkerPool": "servekit.pool",
-    "PreforkMixIn": "servekit.prefork",
-    "Supervisor": "servekit.supervisor",
-    "LimitsMixIn": "servekit.limits",
-    "ListenersMixIn": "servekit.listeners",
-    "ListenerOptions": "servekit.listeners",
-    "TLSMixIn": "servekit.tls",
-    "ProxyProtocolMixIn": "servekit.proxy",
+    "ThreadPoolMixIn": "servekit.features.pool",
+    "ThreadPoolTCPServer": "servekit.features.pool",
+    "ThreadPoolUDPServer": "servekit.features.pool",
+    "ThreadPoolUnixStreamServer": "servekit.features.pool",
+    "ThreadPoolUnixDatagramServer": "servekit.features.pool",
+    "WorkerPool": "servekit.features.pool",
+    "PreforkMixIn": "servekit.process.prefork",
+    "Supervisor": "servekit.process.supervisor",
+    "LimitsMixIn": "servekit.features.limits",
+    "ListenersMixIn": "servekit.features.listeners",
+    "ListenerOptions": "servekit.features.listeners",
+    "TLSMixIn": "servekit.features.tls",
+    "ProxyProtocolMixIn": "servekit.features.proxy",
 }
 
 

@@ -12,8 +12,8 @@ import sys
 import time
 
 import servekit
-from servekit.pool import ThreadPoolMixIn
-from servekit.prefork import PreforkMixIn
+from servekit.features.pool import ThreadPoolMixIn
+from servekit.process.prefork import PreforkMixIn
 
 
 class PidEcho(servekit.StreamRequestHandler):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from servekit.cli import cli_knobs
+from servekit.cli.main import cli_knobs
 from tests.integration.procs import ROOT, ServerProcess
 
 pytestmark = pytest.mark.timeout(60)

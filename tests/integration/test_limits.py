@@ -10,14 +10,14 @@ import time
 import pytest
 
 import servekit
-from servekit.limits import (
+from servekit.features.limits import (
     LimitsMixIn,
     LineTooLongError,
     readline_limited,
     request_deadline,
     time_left,
 )
-from servekit.pool import ThreadPoolMixIn
+from servekit.features.pool import ThreadPoolMixIn
 from servekit.testing import LOCALHOST, closed_by_peer, connect, serving
 
 

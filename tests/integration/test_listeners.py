@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 import servekit
-from servekit.addresses import AddressError
-from servekit.listeners import (
+from servekit.features.addresses import AddressError
+from servekit.features.listeners import (
     ListenerError,
     ListenerOptions,
     ListenersMixIn,
@@ -28,8 +28,8 @@ from servekit.listeners import (
     bind_listeners,
     effective_backlog,
 )
-from servekit.pool import ThreadPoolMixIn
-from servekit.settings import SettingError
+from servekit.features.pool import ThreadPoolMixIn
+from servekit.knobs import SettingError
 from servekit.testing import LOCALHOST, LOCALHOST_V6, connect, has_ipv6_loopback, serving
 
 pytestmark = pytest.mark.timeout(20)
@@ -482,7 +482,7 @@ SYSTEMD_CHILD = textwrap.dedent(
     """
     import fcntl, os, sys
     import servekit
-    from servekit.listeners import ListenerError, ListenersMixIn
+    from servekit.features.listeners import ListenerError, ListenersMixIn
 
     # As systemd does: the passed sockets at 3, 4, ..., and the variables set for this
     # very process (LISTEN_PID is the pid after exec).

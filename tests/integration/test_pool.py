@@ -11,7 +11,12 @@ import time
 import pytest
 
 import servekit
-from servekit.pool import ThreadPoolMixIn, ThreadPoolTCPServer, ThreadPoolUDPServer, WorkerPool
+from servekit.features.pool import (
+    ThreadPoolMixIn,
+    ThreadPoolTCPServer,
+    ThreadPoolUDPServer,
+    WorkerPool,
+)
 from servekit.testing import LOCALHOST, connect, serving
 
 
@@ -210,7 +215,7 @@ def test_unix_stream_pool(tmp_path: os.PathLike[str]) -> None:
 
 def test_knob_validation() -> None:
     """A bad keyword value is refused with the knob's name, before binding."""
-    from servekit.settings import SettingError
+    from servekit.knobs import SettingError
 
     with pytest.raises(SettingError, match="max_threads=0"):
         ThreadPoolTCPServer((LOCALHOST, 0), servekit.BaseRequestHandler, max_threads=0)

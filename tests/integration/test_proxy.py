@@ -19,8 +19,23 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import servekit
-from servekit.pool import ThreadPoolMixIn
-from servekit.protocols.proxy import (
+from servekit.features.pool import ThreadPoolMixIn
+from servekit.features.proxy import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_V2_LENGTH,
+    DEFAULT_TRUSTED,
+    ProxiedAddress,
+    ProxiedPath,
+    ProxyConfigError,
+    ProxyProtocolMixIn,
+    is_trusted,
+    parse_networks,
+    proxy_header,
+    proxy_peer,
+)
+from servekit.features.tls import TLSMixIn, tls_info
+from servekit.knobs import SettingError, knobs_of
+from servekit.protocols.proxy_header import (
     PP2_CLIENT_CERT_CONN,
     PP2_CLIENT_SSL,
     PP2_SUBTYPE_SSL_CN,
@@ -37,20 +52,6 @@ from servekit.protocols.proxy import (
     build_v2,
     parse,
 )
-from servekit.proxy import (
-    DEFAULT_HEADER_TIMEOUT,
-    DEFAULT_MAX_V2_LENGTH,
-    DEFAULT_TRUSTED,
-    ProxiedAddress,
-    ProxiedPath,
-    ProxyConfigError,
-    ProxyProtocolMixIn,
-    is_trusted,
-    parse_networks,
-    proxy_header,
-    proxy_peer,
-)
-from servekit.settings import SettingError, knobs_of
 from servekit.testing import (
     LOCALHOST,
     LOCALHOST_V6,
@@ -59,7 +60,6 @@ from servekit.testing import (
     has_ipv6_loopback,
     serving,
 )
-from servekit.tls import TLSMixIn, tls_info
 
 if TYPE_CHECKING:
     from tests.tls_certs import CertSet, LogWatcher
@@ -166,7 +166,7 @@ def read_to_eof(sock: socket.socket) -> bytes:
 
 @pytest.fixture
 def proxy_log() -> Iterator[LogWatcher]:
-    """Everything servekit.proxy logs during the test, DEBUG included."""
+    """Everything servekit.features.proxy logs during the test, DEBUG included."""
     from tests.tls_certs import watching_log
 
     with watching_log("servekit.proxy", logging.DEBUG) as watcher:

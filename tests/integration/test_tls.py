@@ -19,9 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import servekit
-from servekit.settings import SettingError
-from servekit.testing import LOCALHOST, closed_by_peer, connect, serving
-from servekit.tls import (
+from servekit.features.tls import (
     TLSConfigError,
     TLSInfo,
     TLSMixIn,
@@ -29,6 +27,8 @@ from servekit.tls import (
     peer_certificate,
     tls_info,
 )
+from servekit.knobs import SettingError
+from servekit.testing import LOCALHOST, closed_by_peer, connect, serving
 
 if TYPE_CHECKING:
     from tests.tls_certs import CertSet, LogWatcher
@@ -174,7 +174,7 @@ def test_forking_server_round_trip(tls_certs: CertSet) -> None:
 
 def test_thread_pool_server(tls_certs: CertSet) -> None:
     """TLS composes with ThreadPoolMixIn, whose settings are keywords beside TLS's."""
-    from servekit.pool import ThreadPoolMixIn
+    from servekit.features.pool import ThreadPoolMixIn
 
     class PoolTLSServer(Recording, TLSMixIn, ThreadPoolMixIn, servekit.TCPServer):
         pass

@@ -20,8 +20,8 @@ import sys
 import threading
 
 import servekit
-from servekit.pool import ThreadPoolMixIn
-from servekit.proxy import ProxyProtocolMixIn, proxy_header
+from servekit.features.pool import ThreadPoolMixIn
+from servekit.features.proxy import ProxyProtocolMixIn, proxy_header
 
 LIFETIME = 60.0
 START_TIMEOUT = 10.0

@@ -20,7 +20,8 @@ import time
 from typing import Any
 
 import servekit
-from servekit import systemd
+from servekit.features import activation
+from servekit.process import systemd
 
 LIFETIME = 60.0
 POLL_INTERVAL = 0.5
@@ -66,7 +67,7 @@ class DatagramServer(WatchedServing, servekit.UDPServer):
     pass
 
 
-def adopt(inherited: systemd.InheritedSocket) -> Any:
+def adopt(inherited: activation.InheritedSocket) -> Any:
     """A server around an inherited socket: constructed unbound, then given the socket."""
     if inherited.type == socket.SOCK_STREAM:
         server: Any = StreamServer(None, LineEcho, bind_and_activate=False)
@@ -85,7 +86,7 @@ def main() -> int:
     # signal waits for sigtimedwait() below: no handler, no race with the serving threads.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     notifier = systemd.Notifier()
-    inherited = systemd.listen_fds()
+    inherited = activation.listen_fds()
     if not inherited:
         print("systemd_app: no sockets were passed (LISTEN_FDS)", file=sys.stderr)
         return 2

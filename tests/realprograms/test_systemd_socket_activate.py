@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 import servekit
-from servekit.protocols.systemd import parse_message
+from servekit.protocols.sd_daemon import parse_message
 from servekit.testing import LOCALHOST, connect
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import servekit
+from servekit.features.tls import TLSMixIn, tls_info
 from servekit.testing import LOCALHOST, serving
-from servekit.tls import TLSMixIn, tls_info
 
 if TYPE_CHECKING:
     from tests.tls_certs import CertSet, LogWatcher

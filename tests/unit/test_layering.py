@@ -74,13 +74,13 @@ def test_lazy_production_names() -> None:
     from servekit import PreforkMixIn, ThreadPoolMixIn, ThreadPoolTCPServer
 
     assert issubclass(ThreadPoolTCPServer, ThreadPoolMixIn)
-    assert PreforkMixIn.__module__ == "servekit.prefork"
+    assert PreforkMixIn.__module__ == "servekit.process.prefork"
 
 
 def test_settings_doc_is_generated_from_the_knobs() -> None:
-    """docs/settings.md is exactly what `python -m servekit.settings` prints (regenerate it after changing a knob)."""
+    """docs/settings.md is exactly what `python -m servekit.config` prints (regenerate it after changing a knob)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "servekit.settings"],
+        [sys.executable, "-m", "servekit.config"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -89,3 +89,80 @@ def test_settings_doc_is_generated_from_the_knobs() -> None:
     assert proc.returncode == 0, proc.stderr
     documented = (SRC.parent.parent / "docs" / "settings.md").read_text()
     assert documented == proc.stdout
+
+
+# The layers from the bottom up; a module may import its own layer and those below it.
+LAYERS = [
+    ("servekit.errors", "servekit.knobs", "servekit.core", "servekit.protocols"),
+    ("servekit.features",),
+    ("servekit.apps",),
+    ("servekit.process",),
+    ("servekit.config",),
+    ("servekit.cli",),
+]
+
+
+def _layer_of(module: str) -> int | None:
+    for index, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return index
+    return None
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def test_every_import_points_down() -> None:
+    """No module imports a layer above its own: features never import process, config or cli; process never imports config or cli."""
+    for path in SRC.rglob("*.py"):
+        mine = _layer_of(_module_name(path))
+        if mine is None:
+            continue
+        for name in imported_modules(path):
+            theirs = _layer_of(name)
+            if theirs is not None:
+                assert theirs <= mine, f"{_module_name(path)} imports {name}, a layer above it"
+
+
+def test_no_import_cycles_between_modules() -> None:
+    """The module import graph of servekit (imports anywhere in a module) has no cycle."""
+    modules = {_module_name(p): p for p in SRC.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps = {m for m in imported_modules(path) if m in modules and m != name}
+        # A package's __init__ re-exporting from its modules is not a cycle of concern.
+        graph[name] = {d for d in deps if not name.startswith(d + ".") or d == "servekit"}
+    graph["servekit"] = set()  # the root re-exports lazily, by name
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in graph.get(node, ()):
+            if state.get(dep) == 1:
+                cycle = [*stack[stack.index(dep) :], dep] if dep in stack else [node, dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, [*stack, dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_no_two_modules_share_a_name() -> None:
+    """A module's name says its layer: no two modules (or packages) in different packages share a name."""
+    seen: dict[str, Path] = {}
+    for path in SRC.rglob("*.py"):
+        stem = path.parent.name if path.stem == "__init__" else path.stem
+        if path.stem in ("__init__", "__main__") and path.parent == SRC:
+            continue
+        if path.stem == "__main__":
+            continue
+        other = seen.get(stem)
+        assert other is None or other.parent == path.parent, f"{path} and {other}"
+        seen[stem] = path

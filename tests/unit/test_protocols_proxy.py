@@ -1,4 +1,4 @@
-"""The PROXY protocol v1/v2 parser and builders: servekit.protocols.proxy.
+"""The PROXY protocol v1/v2 parser and builders: servekit.protocols.proxy_header.
 
 A corpus of raw inputs beside expected results (tests/unit/data/proxy, with captures of
 HAProxy 2.6.12), targeted specifications, and property-based tests.
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from servekit.protocols import proxy
-from servekit.protocols.proxy import (
+from servekit.protocols import proxy_header as proxy
+from servekit.protocols.proxy_header import (
     PP2_CLIENT_CERT_CONN,
     PP2_CLIENT_CERT_SESS,
     PP2_CLIENT_SSL,

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from servekit.protocols import systemd as sd
-from servekit.protocols.systemd import (
+from servekit.protocols import sd_daemon as sd
+from servekit.protocols.sd_daemon import (
     NOTIFY_MESSAGE_MAX,
     ListenFds,
     NotifyMessageError,

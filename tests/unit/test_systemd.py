@@ -20,14 +20,15 @@ from typing import Any
 import pytest
 
 import servekit
-from servekit import systemd
-from servekit.protocols.systemd import LISTEN_VARIABLES
-from servekit.systemd import (
+from servekit.features import activation
+from servekit.process import systemd
+from servekit.process.systemd import (
     Notifier,
     NotifyMessageError,
     SystemdEnvironmentError,
     Watchdog,
 )
+from servekit.protocols.sd_daemon import LISTEN_VARIABLES
 
 SRC = str(Path(servekit.__file__).resolve().parent.parent)
 RECV_TIMEOUT = 5.0
@@ -302,14 +303,14 @@ def test_watchdog_interval_can_unset_its_variables() -> None:
 
 def test_listen_fds_when_not_activated_is_empty() -> None:
     """Without activation variables there are no inherited sockets."""
-    assert systemd.listen_fds(environ={}) == []
-    assert not systemd.is_socket_activated({})
+    assert activation.listen_fds(environ={}) == []
+    assert not activation.is_socket_activated({})
 
 
 def test_listen_fds_for_another_process_is_empty_and_unset() -> None:
     """Variables naming another pid yield no sockets, and are removed all the same."""
     environ = {"LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "web", "HOME": "/"}
-    assert systemd.listen_fds(environ=environ) == []
+    assert activation.listen_fds(environ=environ) == []
     assert environ == {"HOME": "/"}
 
 
@@ -317,16 +318,16 @@ def test_listen_fds_unsets_variables_even_when_they_are_malformed() -> None:
     """A malformed environment raises, and LISTEN_* is removed regardless, as systemd does."""
     environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a"}
     with pytest.raises(SystemdEnvironmentError, match="LISTEN_FDNAMES='a'"):
-        systemd.listen_fds(environ=environ)
+        activation.listen_fds(environ=environ)
     assert environ == {}
 
 
 def test_is_socket_activated_reads_without_consuming() -> None:
     """is_socket_activated() answers from LISTEN_PID and LISTEN_FDS and leaves them in place."""
     environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"}
-    assert systemd.is_socket_activated(environ)
+    assert activation.is_socket_activated(environ)
     assert environ == {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"}
-    assert not systemd.is_socket_activated({"LISTEN_PID": "1", "LISTEN_FDS": "1"})
+    assert not activation.is_socket_activated({"LISTEN_PID": "1", "LISTEN_FDS": "1"})
 
 
 # -- listen_fds(): real descriptors at 3, 4, ... in a child process -----------------------------
@@ -337,8 +338,9 @@ def test_is_socket_activated_reads_without_consuming() -> None:
 CHILD = textwrap.dedent(
     """
     import fcntl, json, os, sys
-    from servekit import systemd
-    from servekit.protocols.systemd import LISTEN_VARIABLES
+    from servekit.features import activation
+    from servekit.process import systemd
+    from servekit.protocols.sd_daemon import LISTEN_VARIABLES
 
     sources = [int(fd) for fd in sys.argv[1].split(",")]
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in sources]
@@ -351,7 +353,7 @@ CHILD = textwrap.dedent(
 
     report = {"sockets": [], "error": None}
     try:
-        found = systemd.listen_fds(unset_environment="--keep" not in sys.argv)
+        found = activation.listen_fds(unset_environment="--keep" not in sys.argv)
     except systemd.SystemdEnvironmentError as exc:
         report["error"] = str(exc)
         found = []

@@ -208,7 +208,7 @@ class BaseServer:
     def _watch(self, fileobj: Any, callback: Callable[[], None]) -> None:
         """Call callback on the loop's thread whenever fileobj is readable.
 
-        For mix-ins that keep connections in the loop (servekit.limits parks
+        For mix-ins that keep connections in the loop (servekit.features.limits parks
         connections there until their first request arrives). Call from the loop's
         thread, or before serve_forever(); the watch lasts until _unwatch().
         """

@@ -41,7 +41,7 @@ class TCPServer(BaseServer):
     address_family: int = socket.AF_INET
     socket_type: int = socket.SOCK_STREAM
     #: listen() backlog. 5 is the stdlib's value, kept for compatibility; the production
-    #: servers raise it (see servekit.listeners).
+    #: servers raise it (see servekit.features.listeners).
     request_queue_size: int = 5
     allow_reuse_address: bool = False
     allow_reuse_port: bool = False

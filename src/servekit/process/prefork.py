@@ -26,7 +26,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from servekit.core.wakeup import Wakeup
-from servekit.settings import (
+from servekit.knobs import (
     Configurable,
     knob,
     non_negative,
@@ -34,7 +34,7 @@ from servekit.settings import (
     parse_optional_float,
     positive,
 )
-from servekit.supervisor import (
+from servekit.process.supervisor import (
     EXIT_BOOT_ERROR,
     EXIT_OK,
     Supervisor,

@@ -1,5 +1,5 @@
 # Unix socket files: created with their permissions atomically, replaced only when
-# stale, removed only by their owner. Used by servekit.listeners.
+# stale, removed only by their owner. Used by servekit.features.listeners.
 #
 # Strategy. A socket is bound under a random temporary name in the same directory, given
 # its mode and owner there, and published under its final name only once it listens,
@@ -23,9 +23,9 @@ import secrets
 import socket
 import stat
 
-from servekit.addresses import UNIX_PATH_MAX
 from servekit.errors import ListenerError
-from servekit.settings import SettingError
+from servekit.features.addresses import UNIX_PATH_MAX
+from servekit.knobs import SettingError
 
 __all__ = [
     "UnixSocketFile",

@@ -3,7 +3,7 @@
 # handler the client's real address. Owns the trusted-network check, the deadline for
 # the header, taking exactly the header off a connection or a datagram, the address
 # objects a handler sees, and the one place that decides what a missing or bad header
-# means. Parsing belongs to servekit.protocols.proxy (sans-IO); this module does the I/O.
+# means. Parsing belongs to servekit.protocols.proxy_header (sans-IO); this module does the I/O.
 #
 # Strategy.
 #   * Trust is checked in verify_request(), on the loop thread, before any worker is
@@ -45,9 +45,10 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
-from servekit.addresses import format_peer
 from servekit.errors import ServekitError
-from servekit.protocols.proxy import (
+from servekit.features.addresses import format_peer
+from servekit.knobs import Configurable, SettingError, knob, positive
+from servekit.protocols.proxy_header import (
     V1_MAX_LENGTH,
     V2_HEADER_LENGTH,
     V2_MAX_LENGTH,
@@ -56,7 +57,6 @@ from servekit.protocols.proxy import (
     ProxyProtocolError,
     parse,
 )
-from servekit.settings import Configurable, SettingError, knob, positive
 
 if TYPE_CHECKING:
     from servekit.core import TCPServer

@@ -33,9 +33,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from servekit.addresses import format_peer
 from servekit.errors import ServekitError
-from servekit.settings import (
+from servekit.features.addresses import format_peer
+from servekit.knobs import (
     Configurable,
     knob,
     optional_positive,

@@ -2,7 +2,7 @@
 #
 # Strategy. The supervisor knows nothing about servers: it forks, runs a given
 # worker_main(WorkerContext) in each child, and watches the children. The server side
-# lives in servekit.prefork, which composes an ordinary servekit server in each child.
+# lives in servekit.process.prefork, which composes an ordinary servekit server in each child.
 #
 # The parent's loop is one selector over a wake-up pipe (signal.set_wakeup_fd) and one
 # pidfd per child (readable when the child exits, so no SIGCHLD race and it works when

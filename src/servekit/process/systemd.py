@@ -1,12 +1,11 @@
-# systemd integration, the I/O half: adopting the sockets a service manager passed
-# (socket activation), telling it about readiness and shutdown (sd_notify), and pacing
-# the watchdog keep-alive. Every rule about the variables and the message format lives in
-# servekit.protocols.systemd; this module reads os.environ, touches descriptors and
+# systemd integration, the I/O half for the process: telling the service manager about
+# readiness and shutdown (sd_notify), and pacing the watchdog keep-alive. Adopting the
+# sockets it passed (socket activation) belongs to the listeners, in
+# servekit.features.activation. Every rule about the variables and the message format lives in
+# servekit.protocols.sd_daemon; this module reads os.environ, touches descriptors and
 # sends datagrams.
 #
 # Strategy.
-#   * listen_fds() checks every inherited descriptor before adopting any, so a bad unit
-#     file fails with one clear error and leaves the descriptors as they were.
 #   * notify() opens a fresh datagram socket per message: no shared state, safe from any
 #     thread, and a manager that restarted (new socket inode) is reached next time. At a
 #     watchdog ping every few seconds the three system calls cost nothing.
@@ -19,25 +18,20 @@
 #     pinging and systemd restarts the service, which a timer thread would hide.
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import socket
-import stat
 import time
 from collections.abc import Callable, Mapping, MutableMapping
-from socket import AddressFamily, SocketKind
 
-from servekit.protocols.systemd import (
-    LISTEN_VARIABLES,
+from servekit.protocols.sd_daemon import (
     WATCHDOG_VARIABLES,
     NotifyMessageError,
     SystemdEnvironmentError,
     encode_message,
     extend_timeout_message,
     mainpid_message,
-    parse_listen_fds,
     parse_notify_socket,
     parse_watchdog,
     ready_message,
@@ -48,13 +42,10 @@ from servekit.protocols.systemd import (
 )
 
 __all__ = [
-    "InheritedSocket",
     "Notifier",
     "NotifyMessageError",
     "SystemdEnvironmentError",
     "Watchdog",
-    "is_socket_activated",
-    "listen_fds",
     "notify",
     "watchdog_interval",
 ]
@@ -66,111 +57,6 @@ log = logging.getLogger("servekit.systemd")
 # PID 1 gets there; waiting a second beats stalling the serving loop indefinitely, and a
 # watchdog ping lost this way is sent again half an interval later.
 NOTIFY_SEND_TIMEOUT = 1.0
-
-_FILE_KINDS = (
-    (stat.S_ISFIFO, "FIFO"),
-    (stat.S_ISREG, "regular file"),
-    (stat.S_ISCHR, "character device"),
-    (stat.S_ISBLK, "block device"),
-    (stat.S_ISDIR, "directory"),
-)
-
-
-# -- socket activation -----------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class InheritedSocket:
-    """A socket passed by the service manager: its descriptor number, name and object.
-
-    ``socket`` owns the descriptor; closing it closes the inherited socket.
-    """
-
-    fd: int
-    name: str
-    socket: socket.socket
-
-    @property
-    def family(self) -> AddressFamily:
-        return self.socket.family
-
-    @property
-    def type(self) -> SocketKind:
-        return self.socket.type
-
-    @property
-    def listening(self) -> bool:
-        """True for a stream socket in listen(); False for a connection (Accept=yes) or
-        a datagram socket."""
-        return bool(self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-
-
-def listen_fds(
-    *,
-    unset_environment: bool = True,
-    environ: MutableMapping[str, str] | None = None,
-) -> list[InheritedSocket]:
-    """The sockets the service manager passed, as socket objects, in the manager's order.
-
-    The family, type and protocol of each are read from the descriptor itself. Each is
-    marked close-on-exec (children get no copy unless they ask) and put in blocking mode,
-    as socketserver's own sockets are: a unit's NonBlocking=yes would otherwise leave
-    O_NONBLOCK set where Python's socket object reports blocking, and accept() could raise
-    BlockingIOError. An empty list when the process was not socket-activated.
-
-    With unset_environment (the default, as sd_listen_fds(1)), LISTEN_PID, LISTEN_FDS and
-    LISTEN_FDNAMES are removed from environ whether or not this succeeds, so child
-    processes do not mistake them for their own; a second call then returns [].
-
-    Raises SystemdEnvironmentError if a variable is malformed, or a descriptor is not
-    open or is not a socket (a FIFO from ListenFIFO=, say); no descriptor is adopted then.
-    environ defaults to os.environ. Call it once: every call adopts the descriptors anew,
-    and two socket objects owning one descriptor would close it twice.
-    """
-    env = os.environ if environ is None else environ
-    try:
-        passed = parse_listen_fds(env, os.getpid())
-        for fd, name in passed:
-            _check_is_socket(fd, name, passed.count)
-        return [InheritedSocket(fd, name, _adopt(fd)) for fd, name in passed]
-    finally:
-        if unset_environment:
-            for variable in LISTEN_VARIABLES:
-                env.pop(variable, None)
-
-
-def is_socket_activated(environ: Mapping[str, str] | None = None) -> bool:
-    """True if the service manager passed this process at least one descriptor.
-
-    Reads the variables without consuming them; raises SystemdEnvironmentError if they
-    are meant for this process but malformed.
-    """
-    env = os.environ if environ is None else environ
-    return bool(parse_listen_fds(env, os.getpid()))
-
-
-def _check_is_socket(fd: int, name: str, count: int) -> None:
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as exc:
-        raise SystemdEnvironmentError(
-            f"LISTEN_FDS={count}: descriptor {fd} ({name!r}) is not open: {exc.strerror}"
-        ) from None
-    if not stat.S_ISSOCK(mode):
-        kind = next((kind for test, kind in _FILE_KINDS if test(mode)), "non-socket file")
-        raise SystemdEnvironmentError(
-            f"LISTEN_FDS={count}: descriptor {fd} ({name!r}) is a {kind}, not a socket"
-        )
-
-
-def _adopt(fd: int) -> socket.socket:
-    # Descriptors arrive without FD_CLOEXEC (they had to survive the manager's exec);
-    # set it as sd_listen_fds() does.
-    os.set_inheritable(fd, False)
-    sock = socket.socket(fileno=fd)
-    sock.setblocking(True)
-    return sock
-
 
 # -- notification ------------------------------------------------------------------------
 
@@ -242,7 +128,7 @@ class Notifier:
         return self._address is not None
 
     def send(self, message: str) -> bool:
-        """Send a message built by hand (see servekit.protocols.systemd.format_message)."""
+        """Send a message built by hand (see servekit.protocols.sd_daemon.format_message)."""
         data = encode_message(message)
         if self._address is None:
             return False

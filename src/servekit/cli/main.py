@@ -5,9 +5,9 @@
 # Settings come from, in increasing precedence: knob defaults, a TOML config file
 # (--config, one table per section), SERVEKIT_<NAME> environment variables, flags.
 # The flags, keys and variables are generated from the knob declarations
-# (servekit.settings), so a new knob needs no change here.
+# (servekit.knobs), so a new knob needs no change here.
 #
-# The server class is composed from what the settings ask for (servekit.compose):
+# The server class is composed from what the settings ask for (servekit.config.compose):
 # pre-fork when --workers > 1, TLS when a certificate is given, the PROXY protocol when
 # asked, several listeners when --bind is repeated; always a bounded thread pool and the
 # limits layer. systemd readiness, stopping and watchdog pings are sent when systemd
@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import servekit
-from servekit.addresses import Address, AddressError, parse_addresses
-from servekit.builtin import DatagramEchoHandler, EchoHandler
-from servekit.compose import Features, feature_classes, server_class
-from servekit.settings import Knob, SettingError, knobs_of
+from servekit.apps.echo import DatagramEchoHandler, EchoHandler
+from servekit.config.compose import Features, feature_classes, server_class
+from servekit.features.addresses import Address, AddressError, parse_addresses
+from servekit.knobs import Knob, SettingError, knobs_of
 
 __all__ = ["main"]
 
@@ -188,10 +188,10 @@ def reload_handler(target: str) -> type:
 
 
 def _features(values: dict[str, Any], addresses: list[Address]) -> Features:
-    from servekit.limits import LimitsMixIn
-    from servekit.prefork import PreforkMixIn
-    from servekit.proxy import ProxyProtocolMixIn
-    from servekit.tls import TLSMixIn
+    from servekit.features.limits import LimitsMixIn
+    from servekit.features.proxy import ProxyProtocolMixIn
+    from servekit.features.tls import TLSMixIn
+    from servekit.process.prefork import PreforkMixIn
 
     tls_names = set(knobs_of(TLSMixIn))
     tls = values.get("certfile") is not None
@@ -331,7 +331,7 @@ def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
     cls.cli_label = label
     cls.cli_target = args.target
 
-    from servekit.systemd import Notifier, Watchdog
+    from servekit.process.systemd import Notifier, Watchdog
 
     notifier = Notifier(environ)
     cls.cli_notifier = notifier if notifier.enabled else None
@@ -393,7 +393,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from servekit.supervisor import SupervisorError
+        from servekit.process.supervisor import SupervisorError
 
         if isinstance(exc, SupervisorError):
             print(f"servekit: {exc}", file=sys.stderr)

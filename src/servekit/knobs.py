@@ -15,16 +15,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
 from servekit.errors import ServekitError
 
-__all__ = ["Configurable", "Knob", "SettingError", "all_knobs", "knob", "knobs_of"]
+__all__ = ["Configurable", "Knob", "SettingError", "knob", "knobs_of"]
 
 T = TypeVar("T")
-
-_REGISTRY: list[Knob[Any]] = []
 
 
 class SettingError(ServekitError, ValueError):
@@ -53,7 +51,6 @@ class Knob(Generic[T]):
         self.owner = owner
         if not self.section:
             self.section = owner.__module__.rsplit(".", 1)[-1]
-        _REGISTRY.append(self)
 
     def __get__(self, obj: object, objtype: type | None = None) -> T:
         # Non-data descriptor: an instance attribute of the same name takes precedence,
@@ -169,11 +166,6 @@ def knobs_of(cls: type) -> dict[str, Knob[Any]]:
     return found
 
 
-def all_knobs() -> Iterator[Knob[Any]]:
-    """Every declared knob, in declaration order (import the modules first)."""
-    return iter(list(_REGISTRY))
-
-
 class Configurable:
     """Accept every knob of the final class as a keyword argument of its constructor.
 
@@ -188,57 +180,3 @@ class Configurable:
             value = kwargs.pop(name)
             setattr(self, name, knobs[name].validate(value))
         super().__init__(*args, **kwargs)
-
-
-def markdown_table(knobs: list[Knob[Any]]) -> str:
-    """docs/settings.md: one table per section, generated from the declarations."""
-    sections: dict[str, list[Knob[Any]]] = {}
-    for declared in knobs:
-        sections.setdefault(declared.section, []).append(declared)
-    out = [
-        "# Settings",
-        "",
-        "Generated from the knob declarations by `python -m servekit.settings`; do not edit.",
-        "",
-        "Every setting is a class attribute of its mix-in (a subclass may override it), a",
-        "keyword argument of the server's constructor, a flag of the `servekit` command, an",
-        "environment variable, and a key in the `[section]` table of a `--config` TOML file.",
-        "Precedence on the command line: flag, then environment, then config file, then",
-        "the default.",
-        "",
-    ]
-    for section, members in sections.items():
-        owner = members[0].owner
-        where = f"{owner.__module__}.{owner.__qualname__}" if owner else ""
-        out += [f"## [{section}]: `{where}`", ""]
-        out += ["| setting | default | flag | environment | meaning |", "|---|---|---|---|---|"]
-        for declared in members:
-            flag = f"`{declared.cli_flag}`" if declared.cli_flag else "(Python only)"
-            default = declared.default
-            shown = oct(default) if declared.name.endswith("_mode") else repr(default)
-            out.append(
-                f"| `{declared.name}` | `{shown}` | {flag} | "
-                f"`{declared.env_var}` | {declared.help} |"
-            )
-        out.append("")
-    return "\n".join(out)
-
-
-def main() -> None:
-    """Print docs/settings.md for every knob of every production mix-in."""
-    from servekit.compose import feature_classes
-
-    seen: list[Knob[Any]] = []
-    for feature in feature_classes():
-        for declared in knobs_of(feature).values():
-            if declared not in seen:
-                seen.append(declared)
-    print(markdown_table(seen))
-
-
-if __name__ == "__main__":  # pragma: no cover - python -m servekit.settings
-    # Run as a script this file is __main__, a second copy of the module whose Knob
-    # class the mix-ins never used: call the real servekit.settings.
-    from servekit.settings import main as _main
-
-    _main()

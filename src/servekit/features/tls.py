@@ -35,8 +35,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from servekit.addresses import format_peer
-from servekit.settings import Configurable, SettingError, knob, positive
+from servekit.features.addresses import format_peer
+from servekit.knobs import Configurable, SettingError, knob, positive
 
 if TYPE_CHECKING:
     from servekit.core.server import BaseServer

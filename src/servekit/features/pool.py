@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from servekit.core import TCPServer, UDPServer
-from servekit.settings import (
+from servekit.knobs import (
     Configurable,
     knob,
     non_negative,

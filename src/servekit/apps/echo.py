@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import logging
 
-from servekit.addresses import format_peer
 from servekit.core import DatagramRequestHandler, StreamRequestHandler
-from servekit.limits import LineTooLongError, readline_limited
+from servekit.features.addresses import format_peer
+from servekit.features.limits import LineTooLongError, readline_limited
 
 __all__ = ["DatagramEchoHandler", "EchoHandler"]
 

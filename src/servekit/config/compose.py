@@ -35,7 +35,7 @@ class Features:
 
 
 def socket_server_type(kind: str) -> type[TCPServer]:
-    """The compatibility-core server class for an address kind (see servekit.addresses)."""
+    """The compatibility-core server class for an address kind (see servekit.features.addresses)."""
     if kind in ("tcp", "fd"):
         return TCPServer
     if kind == "udp":
@@ -49,12 +49,12 @@ def socket_server_type(kind: str) -> type[TCPServer]:
 
 def feature_classes() -> list[type]:
     """Every production mix-in, in composition order (for settings and docs)."""
-    from servekit.limits import LimitsMixIn
-    from servekit.listeners import ListenersMixIn
-    from servekit.pool import ThreadPoolMixIn
-    from servekit.prefork import PreforkMixIn
-    from servekit.proxy import ProxyProtocolMixIn
-    from servekit.tls import TLSMixIn
+    from servekit.features.limits import LimitsMixIn
+    from servekit.features.listeners import ListenersMixIn
+    from servekit.features.pool import ThreadPoolMixIn
+    from servekit.features.proxy import ProxyProtocolMixIn
+    from servekit.features.tls import TLSMixIn
+    from servekit.process.prefork import PreforkMixIn
 
     return [
         PreforkMixIn,

@@ -4,7 +4,7 @@
 #
 # Strategy. Setting up listeners runs in three phases, so that a mistake anywhere is
 # found before anything is bound and a failure half-way leaves nothing behind:
-#   1. plan: parse every address (servekit.addresses reports all bad ones at once),
+#   1. plan: parse every address (servekit.features.addresses reports all bad ones at once),
 #      resolve host names, adopt inherited descriptors and check every listener is of
 #      the server's kind. Nothing is bound; adopted descriptors are given back on error.
 #   2. bind: create and bind each socket in order; if one fails, the ones before it are
@@ -12,7 +12,7 @@
 #   3. activate: listen(), set the options accepted connections inherit, and only then
 #      publish each Unix socket file under its final name.
 # Unix socket files (temporary name, atomic publish, stale-file checks, removal by
-# their owner only) are servekit.unixfiles' business.
+# their owner only) are servekit.features.unixfiles' business.
 from __future__ import annotations
 
 import dataclasses
@@ -27,11 +27,10 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from servekit.addresses import Address, AddressError, parse_addresses
 from servekit.errors import ListenerError
-from servekit.settings import Configurable, knob, positive
-from servekit.systemd import InheritedSocket, is_socket_activated, listen_fds
-from servekit.unixfiles import (
+from servekit.features.activation import InheritedSocket, is_socket_activated, listen_fds
+from servekit.features.addresses import Address, AddressError, parse_addresses
+from servekit.features.unixfiles import (
     UnixSocketFile,
     bind_socket_file,
     check_path,
@@ -40,6 +39,7 @@ from servekit.unixfiles import (
     remove_if_same,
     resolve_ids,
 )
+from servekit.knobs import Configurable, knob, positive
 
 if TYPE_CHECKING:
     from servekit.core.sockets import TCPServer
@@ -247,7 +247,7 @@ _inherited: list[InheritedSocket] | None = None
 
 
 def inherited_sockets() -> list[InheritedSocket]:
-    """The sockets systemd passed this process (servekit.systemd.listen_fds()), cached.
+    """The sockets systemd passed this process (servekit.features.activation.listen_fds()), cached.
 
     listen_fds() removes LISTEN_FDS and friends from the environment (so children do not
     take them for their own), so a second call would find nothing: every caller in the
