@@ -1,23 +1,26 @@
-# Built-in request handlers: what `servekit echo` serves, and a reference for users.
+# Built-in request handlers: what `servekit echo` serves, and the reference for writing a
+# handler that works message by message (servekit.features.messages).
 from __future__ import annotations
 
 import logging
 
-from servekit.core import DatagramRequestHandler, StreamRequestHandler
+from servekit.core import DatagramRequestHandler
 from servekit.features.addresses import format_peer
 from servekit.features.limits import LineTooLongError, readline_limited
+from servekit.features.messages import MessageHandler
 
 __all__ = ["DatagramEchoHandler", "EchoHandler"]
 
 log = logging.getLogger("servekit.echo")
 
 
-class EchoHandler(StreamRequestHandler):
+class EchoHandler(MessageHandler):
     """Echo each line back until the client closes the connection.
 
-    A line longer than max_line_length bytes gets one error line and the connection
-    is closed: a client that never sends a newline cannot make the server buffer
-    without bound.
+    One line is one message: on a pool server the connection waits between lines in
+    the serving loop, without a thread, so idle clients cost no thread. A line longer
+    than max_line_length bytes gets one error line and the connection is closed: a
+    client that never sends a newline cannot make the server buffer without bound.
     """
 
     #: Longest line accepted, newline included. 64 KiB is the default line limit of
@@ -25,17 +28,18 @@ class EchoHandler(StreamRequestHandler):
     max_line_length = 65536
     disable_nagle_algorithm = True
 
-    def handle(self) -> None:
-        while True:
-            try:
-                line = readline_limited(self.rfile, self.max_line_length)
-            except LineTooLongError as exc:
-                log.info("%s: %s; closing", format_peer(self.client_address), exc)
-                self.wfile.write(b"error: %s\n" % str(exc).encode())
-                return
-            if not line:
-                return
-            self.wfile.write(line)
+    def handle_one_request(self) -> None:
+        try:
+            line = readline_limited(self.rfile, self.max_line_length)
+        except LineTooLongError as exc:
+            log.info("%s: %s; closing", format_peer(self.client_address), exc)
+            self.wfile.write(b"error: %s\n" % str(exc).encode())
+            self.close_connection = True
+            return
+        if not line:
+            self.close_connection = True  # the client closed its end
+            return
+        self.wfile.write(line)
 
 
 class DatagramEchoHandler(DatagramRequestHandler):

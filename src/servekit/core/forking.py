@@ -81,7 +81,7 @@ class ForkingMixIn(_MixinBase):
                     watched = [*pidfds, wakeup.fileno()] if wakeup is not None else list(pidfds)
                     readable, _, _ = select.select(watched, [], [])
                     if wakeup is not None and wakeup.fileno() in readable:
-                        if self._stop_requested():
+                        if self.stop_requested:
                             return False
                         wakeup.drain()
                     for fd in readable:

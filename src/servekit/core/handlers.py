@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BaseRequestHandler", "DatagramRequestHandler", "StreamRequestHandler"]
 
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
 
 class BaseRequestHandler:
     """Base class for request handlers.
@@ -85,7 +87,8 @@ class StreamRequestHandler(BaseRequestHandler):
         self.connection = self.request
         if self.timeout is not None:
             self.connection.settimeout(self.timeout)
-        if self.disable_nagle_algorithm:
+        if self.disable_nagle_algorithm and self.connection.family in _TCP_FAMILIES:
+            # TCP only: on a Unix socket setsockopt() fails, and there is no Nagle there.
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         self.rfile = cast(io.BufferedIOBase, self.connection.makefile("rb", self.rbufsize))
         if self.wbufsize == 0:

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import heapq
+import itertools
 import selectors
 import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -35,16 +38,32 @@ from typing import Any, Self
 from servekit.core.accept import RESOURCE_ERRNOS, AcceptBackoff
 from servekit.core.wakeup import Wakeup
 
-__all__ = ["BaseServer", "ServerState"]
+__all__ = ["BaseServer", "ServerState", "Timer"]
 
 
 class _Watched:
-    """A selector registration made through BaseServer._watch()."""
+    """A selector registration made through BaseServer.watch()."""
 
     __slots__ = ("callback",)
 
     def __init__(self, callback: Callable[[], None]) -> None:
         self.callback = callback
+
+
+class Timer:
+    """A call scheduled with BaseServer.call_at(); cancel() stops it (from any thread)."""
+
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        # A flag, not a heap removal: the loop drops cancelled timers when they surface,
+        # so cancel() needs no lock and is safe from any thread.
+        self.cancelled = True
 
 
 class ServerState(enum.Enum):
@@ -64,6 +83,9 @@ class BaseServer:
     - handle_request()  # if you do not use serve_forever()
     - fileno() -> int   # for selectors
     - pause_accepting(reason) / resume_accepting(reason)
+    - watch(fileobj, callback) / unwatch(fileobj)   # the loop API for mix-ins
+    - call_at(when, callback) -> Timer
+    - call_soon_threadsafe(callback)
 
     Methods that may be overridden:
 
@@ -117,9 +139,21 @@ class BaseServer:
         self.__backoff = AcceptBackoff()
         self.__watched: dict[Any, _Watched] = {}
         self.__selector: selectors.BaseSelector | None = None
+        self.__init_loop_calls()
         #: The listener that select() reported ready, for get_request() of servers that
         #: listen on several sockets; None means "the only one".
-        self._ready_listener: Any = None
+        self.ready_listener: Any = None
+
+    def __init_loop_calls(self) -> None:
+        self.__timers: list[tuple[float, int, Timer]] = []
+        self.__timer_seq = itertools.count()
+        self.__timer_lock = threading.Lock()
+        # deque.append and popleft are atomic, so call_soon_threadsafe() takes no lock
+        # and is safe in a signal handler that interrupts the loop itself.
+        self.__soon: deque[Callable[[], None]] = deque()
+        #: When the loop's current select() returns at the latest (it is woken early by
+        #: a timer set for before then from another thread).
+        self.__wake_by = float("inf")
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -143,16 +177,16 @@ class BaseServer:
         if wakeup is None:
             return
         try:
-            self._serve_until_stopped(wakeup, poll_interval)
+            self.run_loop(wakeup, poll_interval)
         finally:
             self.__end_serving(wakeup)
 
-    def _serve_until_stopped(self, wakeup: Wakeup, poll_interval: float) -> None:
-        """The body of serve_forever(): run until a stop is requested.
+    def run_loop(self, wakeup: Wakeup, poll_interval: float) -> None:
+        """The body of serve_forever(): run until a stop is requested. May be overridden.
 
         For mix-ins that replace the loop itself (the pre-fork supervisor runs its own
         in the parent process). wakeup becomes readable whenever the loop should look
-        at its state again; _stop_requested tells whether to return.
+        at its state again; stop_requested tells whether to return.
         """
         with selectors.DefaultSelector() as selector:
             selector.register(wakeup, selectors.EVENT_READ, None)
@@ -167,9 +201,9 @@ class BaseServer:
     def __run_selector(
         self, selector: selectors.BaseSelector, wakeup: Wakeup, poll_interval: float
     ) -> None:
-        listeners = tuple(self._listeners())
+        listeners = tuple(self.accept_sources())
         watching = False
-        while not self._stop_requested():
+        while not self.__stopping():
             now = time.monotonic()
             want = not self.__accept_holds and not self.__backoff.paused(now)
             if want != watching:
@@ -182,11 +216,16 @@ class BaseServer:
             timeout = poll_interval
             if self.__backoff.resume_at is not None:
                 timeout = min(timeout, self.__backoff.resume_at - now)
-            deadline = self._next_deadline()
-            if deadline is not None:
-                timeout = min(timeout, deadline - now)
-            events = selector.select(max(0.0, timeout))
-            if self._stop_requested():
+            with self.__timer_lock:
+                if self.__timers:
+                    timeout = min(timeout, self.__timers[0][0] - now)
+                timeout = max(0.0, timeout)
+                self.__wake_by = now + timeout
+            if self.__soon:
+                timeout = 0.0
+            events = selector.select(timeout)
+            self.__wake_by = float("-inf")  # not waiting: nobody needs to wake us
+            if self.__stopping():
                 break
             for key, _ in events:
                 data = key.data
@@ -195,51 +234,102 @@ class BaseServer:
                 elif isinstance(data, _Watched):
                     data.callback()
                 else:
-                    self._ready_listener = data
+                    self.ready_listener = data
                     for _ in range(self.accept_batch):
-                        if self.__accept_holds or self._stop_requested():
+                        if self.__accept_holds or self.__stopping():
                             break
                         if not self._handle_one_request():
                             break
+            self.__run_soon()
+            self.__run_timers()
             self.service_actions()
 
-    # -- extension points for mix-ins that keep connections in the loop --------------------
+    def __run_soon(self) -> None:
+        # Bounded: only what was queued before we started; later calls wait a turn.
+        for _ in range(len(self.__soon)):
+            self.__soon.popleft()()
 
-    def _watch(self, fileobj: Any, callback: Callable[[], None]) -> None:
+    def __run_timers(self) -> None:
+        now = time.monotonic()
+        due: list[Timer] = []
+        with self.__timer_lock:
+            while self.__timers and self.__timers[0][0] <= now:
+                timer = heapq.heappop(self.__timers)[2]
+                if not timer.cancelled:
+                    due.append(timer)
+        for timer in due:
+            if not timer.cancelled:
+                timer.callback()
+
+    # -- the loop API, for mix-ins that keep work in the serving loop ----------------------
+
+    def watch(self, fileobj: Any, callback: Callable[[], None]) -> None:
         """Call callback on the loop's thread whenever fileobj is readable.
 
-        For mix-ins that keep connections in the loop (servekit.features.limits parks
-        connections there until their first request arrives). Call from the loop's
-        thread, or before serve_forever(); the watch lasts until _unwatch().
+        For mix-ins that keep connections in the loop (the connection pipeline parks
+        idle connections there). Call from the loop's thread, or before serve_forever();
+        the watch lasts until unwatch(), across serve_forever() calls.
         """
         watched = _Watched(callback)
         self.__watched[fileobj] = watched
         if self.__selector is not None:
             self.__selector.register(fileobj, selectors.EVENT_READ, watched)
 
-    def _unwatch(self, fileobj: Any) -> None:
-        """Stop a _watch(). Call from the loop's thread, or when no loop runs."""
+    def unwatch(self, fileobj: Any) -> None:
+        """Stop a watch(). Call from the loop's thread, or when no loop runs."""
         if self.__watched.pop(fileobj, None) is not None and self.__selector is not None:
             self.__selector.unregister(fileobj)
 
-    def _next_deadline(self) -> float | None:
-        """The time.monotonic() by which the loop must wake up, or None. May be extended.
+    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        """Call callback on the loop's thread once time.monotonic() reaches when.
 
-        service_actions() runs after every wake-up, so a mix-in that returns its next
-        timer here and checks it in service_actions() gets exact timers.
+        Safe from any thread: a timer due before the loop's next wake-up wakes it. The
+        timer fires only while serve_forever() runs (a pending one waits for the next
+        run). Returns a Timer whose cancel() stops it.
         """
-        return None
+        timer = Timer(when, callback)
+        with self.__timer_lock:
+            heapq.heappush(self.__timers, (when, next(self.__timer_seq), timer))
+            wake = when < self.__wake_by and self.__loop_thread != threading.get_ident()
+        if wake:
+            self.__notify()
+        return timer
 
-    def _stop_requested(self) -> bool:
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Call callback on the loop's thread at its next turn, waking it.
+
+        Safe from any thread and from a signal handler (it takes no lock). Calls queued
+        while no loop runs are made when serve_forever() next runs.
+        """
+        self.__soon.append(callback)
+        self.__notify()
+
+    def __notify(self) -> None:
+        wakeup = self.__wakeup
+        if wakeup is not None:
+            wakeup.notify()
+
+    @property
+    def stop_requested(self) -> bool:
         """True once shutdown() or request_shutdown() asked the running loop to stop."""
+        return self.__stopping()
+
+    def __stopping(self) -> bool:
+        # A method, not the property, inside the loop: type checkers narrow a property
+        # read in a while condition as if another thread could not change it.
         return self.__state is not ServerState.SERVING or self.__stop_soon
 
     def _loop_wakeup(self) -> Wakeup | None:
-        """The running loop's wake-up channel, for mix-ins that block on the loop thread
-        and must still notice shutdown(). Only meaningful on the loop's thread."""
+        # For ForkingMixIn, inside the core only: it blocks on the loop's thread at
+        # max_children and must still notice shutdown().
         return self.__wakeup
 
-    def _reset_after_fork(self) -> None:
+    @property
+    def on_loop_thread(self) -> bool:
+        """True when called from the thread running serve_forever() or handle_request()."""
+        return self.__loop_thread == threading.get_ident()
+
+    def reset_after_fork(self) -> None:
         """Forget the parent's loop state in a forked child that will serve on its own.
 
         The child inherits a copy of the parent's lock (possibly held), its state
@@ -259,6 +349,7 @@ class BaseServer:
         self.__backoff = AcceptBackoff()
         self.__watched = {}
         self.__selector = None
+        self.__init_loop_calls()
 
     def __begin_serving(self) -> Wakeup | None:
         with self.__lock:
@@ -389,11 +480,12 @@ class BaseServer:
         """False while a pause_accepting() hold or an accept back-off is in force."""
         return not self.__accept_holds and self.__backoff.resume_at is None
 
-    def _listeners(self) -> Sequence[Any]:
+    def accept_sources(self) -> Sequence[Any]:
         """Objects with fileno() whose readability means get_request() will not block.
 
         The default is the server itself (its fileno()). Servers that listen on several
-        sockets return each; get_request() then reads ``self._ready_listener``.
+        sockets return each; get_request() then reads ``self.ready_listener``. May be
+        overridden.
         """
         return (self,)
 
@@ -404,12 +496,12 @@ class BaseServer:
         timeout = self._handle_request_timeout()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.__owning_loop(), selectors.DefaultSelector() as selector:
-            for listener in self._listeners():
+            for listener in self.accept_sources():
                 selector.register(listener, selectors.EVENT_READ, listener)
             while True:
                 events = selector.select(timeout)
                 if events:
-                    self._ready_listener = events[0][0].data
+                    self.ready_listener = events[0][0].data
                     self._handle_request_noblock()
                     return
                 if deadline is not None:

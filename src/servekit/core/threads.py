@@ -102,7 +102,12 @@ class ThreadingMixIn(_MixinBase):
             daemon=self.daemon_threads,
         )
         threads = self._threads
-        threads.add(thread)
+        # As in the stdlib (3.7+), server_close() waits for non-daemon threads only: a
+        # daemon thread is one the application said it need not wait for, and it may
+        # be blocked on an idle keep-alive client forever (ThreadingHTTPServer sets
+        # daemon_threads, and Ctrl-C on `python -m http.server` must not hang).
+        if not thread.daemon:
+            threads.add(thread)
         try:
             thread.start()
         except BaseException:

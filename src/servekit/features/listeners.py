@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from servekit.errors import ListenerError
 from servekit.features.activation import InheritedSocket, is_socket_activated, listen_fds
 from servekit.features.addresses import Address, AddressError, parse_addresses
+from servekit.features.base import ServerFeature
 from servekit.features.unixfiles import (
     UnixSocketFile,
     bind_socket_file,
@@ -752,7 +753,7 @@ def bind_listener(address: str | Address, options: ListenerOptions | None = None
 # -- the mix-in ------------------------------------------------------------------------
 
 
-class ListenersMixIn(ListenerOptions, _MixinBase):
+class ListenersMixIn(ListenerOptions, ServerFeature):
     """Listen on several addresses at once. Put it before the concurrency mix-in.
 
     server_address is an address string, an Address, or a list of them::
@@ -770,6 +771,8 @@ class ListenersMixIn(ListenerOptions, _MixinBase):
     server_bind() and server_activate() to the classes after it, whose versions know only
     one socket. A mix-in that must act at activation goes before it.
     """
+
+    feature_rank = 10
 
     def __init__(
         self,
@@ -860,30 +863,37 @@ class ListenersMixIn(ListenerOptions, _MixinBase):
             self.listeners, self, nonblocking=self.accept_batch > 1
         )
 
-    def server_close(self) -> None:
-        """Close every listener (removing the Unix socket files this process made), then
-        the rest of the server."""
+    def stop_listening(self) -> None:
+        """Close every stream listener (removing the Unix socket files this process made).
+
+        Datagram listeners stay open until release(): handlers still running reply
+        through them.
+        """
+        _close_all(listener for listener in self.listeners if listener.stream)
+
+    def release(self) -> None:
+        """Close the datagram listeners; adopted descriptors that were never bound too."""
         try:
-            _close_all(self.listeners)
+            _close_all(listener for listener in self.listeners if not listener.stream)
             if not self.listeners:
                 # Never bound: the adopted descriptors are still only planned; they are
                 # this server's now and closed with it.
-                for plan in self._listener_plans:
+                for plan in getattr(self, "_listener_plans", ()):
                     if plan.inherited is not None:
                         plan.inherited.close()
         finally:
-            super().server_close()
+            super().release()
 
     def fileno(self) -> int:
         """The first listener's descriptor (the stdlib's single-socket contract)."""
         return self.socket.fileno()
 
-    def _listeners(self) -> Sequence[Any]:
+    def accept_sources(self) -> Sequence[Any]:
         return self.sockets
 
     def get_request(self) -> tuple[Any, Any]:
         """Accept a connection (or read a datagram) from the listener that is ready."""
-        listener = self._ready_listener
+        listener = self.ready_listener
         if not isinstance(listener, socket.socket):
             listener = self.socket
         if listener.type == socket.SOCK_STREAM:

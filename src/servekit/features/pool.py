@@ -14,6 +14,10 @@
 #
 # The saturation edges (busy reaching max_threads, and dropping below it) are reported
 # under the pool's lock, so "pause" and "resume" can never arrive out of order.
+#
+# For stream servers the pool is the thread side of the connection pipeline
+# (servekit.features.pipeline): a connection holds a thread only while a stage step or
+# its handler runs, so max_threads bounds handlers running at once, not connections.
 from __future__ import annotations
 
 import atexit
@@ -25,22 +29,18 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from servekit.core import TCPServer, UDPServer
+from servekit.core import ServerState, TCPServer, ThreadingMixIn, UDPServer
+from servekit.features.base import ServerFeature
+from servekit.features.pipeline import ConnectionPipeline
 from servekit.knobs import (
-    Configurable,
     knob,
     non_negative,
     optional_positive,
     parse_optional_float,
     positive,
 )
-
-if TYPE_CHECKING:
-    _MixinBase = TCPServer
-else:
-    _MixinBase = object
 
 __all__ = [
     "ThreadPoolMixIn",
@@ -242,28 +242,52 @@ class WorkerPool:
             return self._busy == 0
 
 
+# Connections taken from the kernel's backlog in one shutdown, at most: a bound on the
+# work a stop can be asked to do (somaxconn, the largest backlog, is 4096 by default).
+BACKLOG_DRAIN_LIMIT = 4096
+
+
 def _drain_at_exit(ref: weakref.ReferenceType[ThreadPoolMixIn]) -> None:
     server = ref()
-    if server is not None:
-        server._drain_pool()
+    if server is not None and not server.closed:
+        server.drain()
 
 
-class ThreadPoolMixIn(Configurable, _MixinBase):
-    """Handle requests on a bounded pool of reusable threads. Put it first in the bases.
+class _Runtime:
+    """What a ThreadPoolMixIn server holds in one process: its pool and pipeline."""
 
-    When max_threads requests are in flight the server stops accepting until one
+    __slots__ = ("drained", "pid", "pipeline", "pool")
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pid = os.getpid()
+        self.pool = pool
+        self.pipeline: ConnectionPipeline | None = None
+        self.drained = False
+
+
+class ThreadPoolMixIn(ServerFeature):
+    """Handle requests on a bounded pool of reusable threads. Put it last of the mix-ins.
+
+    When max_threads handlers run at once the server stops accepting until one
     finishes, so extra clients wait in the kernel backlog and memory stays bounded.
-    For stream servers a handler owns its thread for the connection's lifetime:
-    max_threads bounds concurrent connections.
+    Stream connections go through the connection pipeline: PROXY header, TLS handshake
+    and waiting for a request happen in the serving loop, and a handler that works
+    message by message (servekit.features.messages: http.server's handlers and
+    MessageHandler) gives its thread back between messages. max_threads therefore bounds
+    messages in progress, not open connections.
 
     daemon_threads and block_on_close keep their ThreadingMixIn meaning: with
-    block_on_close, server_close() waits up to drain_timeout for running requests;
+    block_on_close, server_close() waits up to drain_timeout for running handlers;
     without daemon_threads, the interpreter does the same at exit.
     """
 
+    feature_rank = 50
+    #: Marks the pipeline's concurrency mix-in (it excludes ThreadingMixIn/ForkingMixIn).
+    pool_concurrency = True
+
     max_threads: int = knob(
         128,
-        "largest number of worker threads, i.e. of requests (connections) in flight",
+        "largest number of worker threads, i.e. of handlers running at once",
         flag="--threads",
         check=positive,
         section="pool",
@@ -282,7 +306,7 @@ class ThreadPoolMixIn(Configurable, _MixinBase):
     )
     drain_timeout: float | None = knob(
         30.0,
-        "seconds server_close() waits for in-flight requests (None: forever)",
+        "seconds server_close() waits for in-flight handlers (None: forever)",
         check=optional_positive,
         parse=parse_optional_float,
         section="pool",
@@ -311,11 +335,21 @@ class ThreadPoolMixIn(Configurable, _MixinBase):
 
     _POOL_FULL = "thread pool full"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._runtime: _Runtime | None = None
+        super().__init__(*args, **kwargs)
+
+    def _here(self) -> _Runtime | None:
+        runtime: _Runtime | None = getattr(self, "_runtime", None)
+        if runtime is None or runtime.pid != os.getpid():
+            return None
+        return runtime
+
     @property
     def pool(self) -> WorkerPool:
         """This process's worker pool, created on first use (so after any fork)."""
-        pool: WorkerPool | None = self.__dict__.get("_servekit_pool")
-        if pool is None or pool.pid != os.getpid():
+        runtime = self._here()
+        if runtime is None:
             pool = WorkerPool(
                 self.max_threads,
                 min_threads=self.min_threads,
@@ -324,10 +358,47 @@ class ThreadPoolMixIn(Configurable, _MixinBase):
                 on_saturated=lambda: self.pause_accepting(self._POOL_FULL),
                 on_unsaturated=lambda: self.resume_accepting(self._POOL_FULL),
             )
-            self.__dict__["_servekit_pool"] = pool
+            runtime = self._runtime = _Runtime(pool)
             if not self.daemon_threads:
                 atexit.register(_drain_at_exit, weakref.ref(self))
-        return pool
+        return runtime.pool
+
+    @property
+    def pipeline(self) -> ConnectionPipeline | None:
+        """This process's connection pipeline, once the serving loop admitted a connection."""
+        runtime = self._here()
+        return None if runtime is None else runtime.pipeline
+
+    @property
+    def waiting_connections(self) -> int:
+        """Connections in the loop before their first handler: PROXY header, TLS
+        handshake, waiting for the first request."""
+        pipeline = self.pipeline
+        return 0 if pipeline is None else pipeline.waiting
+
+    @property
+    def parked_connections(self) -> int:
+        """Connections waiting in the loop, without a thread, between two messages."""
+        pipeline = self.pipeline
+        return 0 if pipeline is None else pipeline.parked
+
+    def _pipeline_here(self) -> ConnectionPipeline:
+        pool = self.pool
+        runtime = self._here()
+        assert runtime is not None
+        if runtime.pipeline is None:
+            stages = self.connection_stages()
+            between = next((s for s in stages if getattr(s, "between_messages", False)), None)
+            pipeline = ConnectionPipeline(
+                self,
+                stages,
+                pool.submit,
+                idle_timeout=getattr(between, "idle_timeout", None),
+                message_wait=between,
+            )
+            pipeline.start()
+            runtime.pipeline = pipeline
+        return runtime.pipeline
 
     def server_activate(self) -> None:
         super().server_activate()
@@ -339,40 +410,80 @@ class ThreadPoolMixIn(Configurable, _MixinBase):
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Run one request on a pool thread: finish, report errors, always close.
 
-        The same steps as ThreadingMixIn.process_request_thread, so a subclass that
-        overrides one behaves the same with either.
+        ThreadingMixIn's implementation, shared (one place for "finish, report errors,
+        always close"), so a subclass overriding it behaves the same with either.
         """
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
+        ThreadingMixIn.process_request_thread(self, request, client_address)  # type: ignore[arg-type]
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Hand the request to an idle pool thread."""
-        self.pool.submit(self.process_request_thread, request, client_address)
+        """Admit a stream connection to the pipeline; run anything else on a pool thread.
 
-    def _drain_pool(self) -> None:
-        pool: WorkerPool | None = self.__dict__.get("_servekit_pool")
-        if pool is None or pool.pid != os.getpid():
+        The pipeline needs the serving loop: under handle_request(), or for datagrams,
+        the request runs whole on a pool thread.
+        """
+        if (
+            self.socket_type == socket.SOCK_STREAM
+            and self.state is ServerState.SERVING
+            and self.on_loop_thread
+        ):
+            self._pipeline_here().admit(request, client_address)
+        else:
+            self.pool.submit(self.process_request_thread, request, client_address)
+
+    # -- the shutdown steps (the order is ServerFeature.server_close's) -------------------
+
+    def accept_backlog(self) -> None:
+        """Serve, once each, the connections the kernel queued before we stopped."""
+        super().accept_backlog()
+        runtime = self._here()
+        if runtime is None or runtime.pipeline is None or runtime.drained:
             return
-        if not pool.shutdown(wait=True, timeout=self.drain_timeout):
+        pipeline = runtime.pipeline
+        taken = 0
+        for source in self.accept_sources():
+            self.ready_listener = source
+            while taken < BACKLOG_DRAIN_LIMIT:
+                try:
+                    request, client_address = self.get_request()
+                except OSError:
+                    break  # BlockingIOError: the queue is empty (or the listener closed)
+                if not self.verify_request(request, client_address):
+                    self.shutdown_request(request)
+                    continue
+                taken += 1
+                try:
+                    runtime.pool.submit(pipeline.serve_blocking, request, client_address)
+                except RuntimeError:
+                    self.shutdown_request(request)
+        if taken:
+            log.info("shutdown: serving %d connection(s) already queued by the kernel", taken)
+
+    def close_idle_connections(self) -> None:
+        super().close_idle_connections()
+        runtime = self._here()
+        if runtime is not None and runtime.pipeline is not None:
+            closed = runtime.pipeline.close_idle()
+            if closed:
+                log.info("shutdown: closed %d idle connection(s)", closed)
+
+    def drain(self) -> None:
+        """Wait once, up to drain_timeout, for running handlers (if block_on_close)."""
+        super().drain()
+        runtime = self._here()
+        if runtime is None or runtime.drained:
+            return
+        runtime.drained = True
+        pool = runtime.pool
+        if not self.block_on_close:
+            pool.shutdown(wait=False)
+        elif not pool.shutdown(wait=True, timeout=self.drain_timeout):
             log.warning(
-                "%d request(s) still running after drain_timeout=%ss; not waiting longer",
+                "shutdown: %d handler(s) still running after drain_timeout=%ss; not waiting longer",
                 pool.busy,
                 self.drain_timeout,
             )
-
-    def server_close(self) -> None:
-        super().server_close()
-        pool: WorkerPool | None = self.__dict__.get("_servekit_pool")
-        if pool is None or pool.pid != os.getpid():
-            return
-        if self.block_on_close:
-            self._drain_pool()
-        else:
-            pool.shutdown(wait=False)
+        if runtime.pipeline is not None:
+            runtime.pipeline.close()
 
 
 class ThreadPoolTCPServer(ThreadPoolMixIn, TCPServer):

@@ -12,10 +12,12 @@
 #     outside proxy_trusted therefore never occupies a pool thread, not even for
 #     proxy_header_timeout, which matters because such peers are the ones that may be
 #     hostile.
-#   * A stream's header is read in finish_request(), which every concurrency mix-in runs
-#     on its worker (thread, pool thread, forked child), as TLSMixIn does its handshake:
-#     a proxy that connects and stalls costs one worker for at most
-#     proxy_header_timeout and never delays the accept loop.
+#   * A stream's header is read by a preamble stage of the connection pipeline
+#     (ProxyHeaderStage), in the serving loop, without blocking: a proxy (or anyone in
+#     proxy_trusted) that connects and stalls mid-header costs a descriptor, not a
+#     thread, for at most proxy_header_timeout. Parsing a header is microseconds of
+#     work, so it stays on the loop. Without the pipeline (ThreadingMixIn, ForkingMixIn)
+#     the same stage runs on the worker before the handler, waiting with select().
 #   * Stream reading. Peek (MSG_PEEK) and parse what is queued. Normally the whole
 #     header arrived in the proxy's first segment: one peek, then recv() of exactly
 #     header.length bytes, and the handler's first read starts at the client's first
@@ -43,11 +45,13 @@ import logging
 import socket
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
-from servekit.errors import ServekitError
 from servekit.features.addresses import format_peer
-from servekit.knobs import Configurable, SettingError, knob, positive
+from servekit.features.base import ServerFeature
+from servekit.features.connection import Connection
+from servekit.features.pipeline import Stage, StageError, Step
+from servekit.knobs import SettingError, knob, positive
 from servekit.protocols.proxy_header import (
     V1_MAX_LENGTH,
     V2_HEADER_LENGTH,
@@ -58,13 +62,6 @@ from servekit.protocols.proxy_header import (
     parse,
 )
 
-if TYPE_CHECKING:
-    from servekit.core import TCPServer
-
-    _MixinBase = TCPServer
-else:
-    _MixinBase = object
-
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",
     "DEFAULT_MAX_V2_LENGTH",
@@ -74,6 +71,7 @@ __all__ = [
     "ProxiedPath",
     "ProxyConfigError",
     "ProxyHeaderError",
+    "ProxyHeaderStage",
     "ProxyProtocolMixIn",
     "client_address_for",
     "is_trusted",
@@ -125,7 +123,7 @@ class ProxyConfigError(SettingError):
     """The PROXY protocol settings cannot work: the message names the setting and value."""
 
 
-class ProxyHeaderError(ServekitError):
+class ProxyHeaderError(StageError):
     """A peer did not deliver a PROXY header the server accepts.
 
     None at all, a malformed one, one too slow or cut short, or one from a peer outside
@@ -136,9 +134,7 @@ class ProxyHeaderError(ServekitError):
     """
 
     def __init__(self, reason: str, level: int = logging.INFO) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.level = level
+        super().__init__(reason, level)
 
 
 # -- knob parsers and checks ----------------------------------------------------------
@@ -428,22 +424,126 @@ class _StreamHeader:
         return data
 
     def _failure(self, how: str) -> ProxyHeaderError:
-        got = len(self.taken)
-        if how == "timeout":
-            if not got:
-                return ProxyHeaderError(f"no PROXY header within {self.timeout:g}s")
-            return ProxyHeaderError(
-                f"PROXY header incomplete after {self.timeout:g}s: {got} of at least "
-                f"{self.minimum} bytes arrived: {_quote(self.taken)}"
-            )
-        verb = "the peer reset the connection" if how == "reset" else "the peer closed it"
+        return _failure(how, self.taken, self.minimum, self.timeout)
+
+
+def _failure(how: str, taken: bytes, minimum: int, timeout: float) -> ProxyHeaderError:
+    """The error for a header that timed out, or whose peer closed or reset, after
+    ``taken`` bytes of a header of at least ``minimum``."""
+    got = len(taken)
+    if how == "timeout":
         if not got:
-            # A plain TCP health check, or a client that gave up: nothing to act on.
-            return ProxyHeaderError(f"{verb} before sending any byte", logging.DEBUG)
+            return ProxyHeaderError(f"no PROXY header within {timeout:g}s")
         return ProxyHeaderError(
-            f"{verb} after {got} of at least {self.minimum} bytes of a PROXY header: "
-            f"{_quote(self.taken)}"
+            f"PROXY header incomplete after {timeout:g}s: {got} of at least "
+            f"{minimum} bytes arrived: {_quote(taken)}"
         )
+    verb = "the peer reset the connection" if how == "reset" else "the peer closed it"
+    if not got:
+        # A plain TCP health check, or a client that gave up: nothing to act on.
+        return ProxyHeaderError(f"{verb} before sending any byte", logging.DEBUG)
+    return ProxyHeaderError(
+        f"{verb} after {got} of at least {minimum} bytes of a PROXY header: {_quote(taken)}"
+    )
+
+
+def _minimum(taken: bytes, accept_v1: bool, accept_v2: bool, max_v2_length: int) -> int:
+    try:
+        result = parse(taken, accept_v1=accept_v1, accept_v2=accept_v2, max_v2_length=max_v2_length)
+    except ProxyProtocolError:
+        return len(taken)
+    return result.minimum if isinstance(result, NeedData) else len(taken)
+
+
+class ProxyHeaderStage(Stage):
+    """The PROXY header as a pipeline stage: read in the loop, without blocking."""
+
+    name = "proxy"
+
+    def __init__(self, server: ProxyProtocolMixIn) -> None:
+        self.server = server
+        self.accept_v1, self.accept_v2 = server._proxy_accept
+        self.max_v2_length = server.proxy_max_v2_length
+        # The most one header of an accepted version can take.
+        self.limit = max(
+            V1_MAX_LENGTH if self.accept_v1 else 0,
+            self.max_v2_length if self.accept_v2 else 0,
+        )
+
+    def timeout(self) -> float:
+        return self.server.proxy_header_timeout
+
+    def expired(self, connection: Connection) -> StageError:
+        return self._failure(connection, "timeout")
+
+    def _failure(self, connection: Connection, how: str) -> ProxyHeaderError:
+        taken = connection.proxy_buffer
+        minimum = _minimum(taken, self.accept_v1, self.accept_v2, self.max_v2_length)
+        return _failure(how, taken, minimum, self.server.proxy_header_timeout)
+
+    def step(self, connection: Connection) -> Step:
+        # Bounded: each round that does not return takes at least one byte off the
+        # socket, and parse() raises before a header grows past the limit.
+        while len(connection.proxy_buffer) < self.limit:
+            want = self.limit - len(connection.proxy_buffer)
+            peeked = self._recv(connection, want, socket.MSG_PEEK)
+            if peeked is None:
+                return Step.READ
+            buffer = connection.proxy_buffer + peeked
+            try:
+                result = parse(
+                    buffer,
+                    accept_v1=self.accept_v1,
+                    accept_v2=self.accept_v2,
+                    max_v2_length=self.max_v2_length,
+                )
+            except ProxyProtocolError as exc:
+                # From a trusted peer, so most likely a proxy not configured to send
+                # the header (or the version) we expect: worth a warning.
+                raise ProxyHeaderError(f"bad PROXY header: {exc}", logging.WARNING) from exc
+            if isinstance(result, ProxyHeader):
+                self._take(connection, result.length - len(connection.proxy_buffer))
+                connection.proxy_header = result
+                connection.client_address = client_address_for(result, connection.peer)
+                connection.proxy_buffer = b""
+                return Step.DONE
+            self._take(connection, len(peeked))
+            connection.proxy_buffer = buffer
+            log.debug(
+                "PROXY header from %s incomplete: %d of at least %d bytes so far; waiting",
+                _describe(connection.peer),
+                len(buffer),
+                result.minimum,
+            )
+        raise AssertionError(  # pragma: no cover - parse() raises before the limit
+            f"parse() still wants more after {len(connection.proxy_buffer)} bytes"
+        )
+
+    def _take(self, connection: Connection, count: int) -> None:
+        got = 0
+        while got < count:  # bounded: the bytes were peeked, so each recv() returns some
+            data = self._recv(connection, count - got, 0)
+            if data is None:  # pragma: no cover - peeked bytes are always there
+                raise ProxyHeaderError("PROXY header bytes vanished from the socket")
+            got += len(data)
+
+    def _recv(self, connection: Connection, size: int, flags: int) -> bytes | None:
+        try:
+            data: bytes = connection.request.recv(size, flags | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except (ConnectionResetError, ConnectionAbortedError) as exc:
+            raise self._failure(connection, "reset") from exc
+        except OSError as exc:
+            raise ProxyHeaderError(f"could not read the PROXY header: {exc}") from exc
+        if not data:
+            raise self._failure(connection, "closed")
+        return data
+
+    def fail(self, connection: Connection, error: StageError) -> None:
+        if not isinstance(error, ProxyHeaderError):
+            error = ProxyHeaderError(error.reason, error.level)
+        self.server.handle_proxy_error(connection.request, connection.peer, error)
 
 
 def read_header(
@@ -483,7 +583,7 @@ def read_header(
 # -- the mix-in -----------------------------------------------------------------------
 
 
-class ProxyProtocolMixIn(Configurable, _MixinBase):
+class ProxyProtocolMixIn(ServerFeature):
     """Read a PROXY protocol header (v1 or v2) before each connection or datagram.
 
     For servers behind HAProxy (``send-proxy``, ``send-proxy-v2``), nginx
@@ -494,7 +594,8 @@ class ProxyProtocolMixIn(Configurable, _MixinBase):
         Server(("127.0.0.1", 8080), Handler, proxy_trusted="10.0.0.0/8")
 
     Connections from outside proxy_trusted are refused on the loop thread. The header is
-    read on the worker within proxy_header_timeout; the handler's client_address is
+    read in the loop, without a thread, within proxy_header_timeout (on the worker for
+    servers without the connection pipeline); the handler's client_address is
     then the real client's ``(ip, port)``, with ``.proxy_header`` and ``.peer`` (the
     proxy's address) attached (see ProxiedAddress, proxy_header(), proxy_peer()).
     Datagram servers take a v2 header at the start of every datagram and keep the
@@ -502,6 +603,8 @@ class ProxyProtocolMixIn(Configurable, _MixinBase):
 
     Methods that may be overridden: handle_proxy_error().
     """
+
+    feature_rank = 30
 
     proxy_protocol: str = knob(
         # HAProxy's accept-proxy takes both versions; telling them apart costs nothing
@@ -597,30 +700,20 @@ class ProxyProtocolMixIn(Configurable, _MixinBase):
             return False
         return super().verify_request(request, client_address)
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        """Read the PROXY header, then run the handler with the real client's address.
+    def connection_stages(self) -> list[Stage]:
+        # First of all: the header precedes every other byte, TLS included.
+        return [ProxyHeaderStage(self), *super().connection_stages()]
 
-        Runs on the worker. When no acceptable header arrives, handle_proxy_error()
-        reports it and the handler does not run; the server then closes the connection
-        (or drops the datagram) as after any request.
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """For datagrams: cut the PROXY header off, then run the handler.
+
+        Streams read theirs in the ProxyHeaderStage. When no acceptable header arrives,
+        handle_proxy_error() reports it and the handler does not run.
         """
         if self._proxy_datagram:
             self._finish_datagram(request, client_address)
             return
-        accept_v1, accept_v2 = self._proxy_accept
-        try:
-            header = read_header(
-                request,
-                timeout=self.proxy_header_timeout,
-                accept_v1=accept_v1,
-                accept_v2=accept_v2,
-                max_v2_length=self.proxy_max_v2_length,
-                peer=client_address,
-            )
-        except ProxyHeaderError as error:
-            self.handle_proxy_error(request, client_address, error)
-            return
-        super().finish_request(request, client_address_for(header, client_address))
+        super().finish_request(request, client_address)
 
     def _finish_datagram(self, request: Any, client_address: Any) -> None:
         data, sock = request
@@ -655,7 +748,8 @@ class ProxyProtocolMixIn(Configurable, _MixinBase):
         """Report a refused connection or datagram: one log line, peer and reason.
 
         Called instead of handle_error(), which reports errors of the handler: on the
-        loop thread for an untrusted peer, on the worker for a bad or missing header.
+        loop thread for an untrusted peer and for stream headers read in the loop, on
+        the worker for datagrams and servers without the connection pipeline.
         The connection is closed after it returns. May be overridden (to count
         refusals, or log them differently); ``error.level`` is the level used here.
         """

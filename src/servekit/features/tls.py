@@ -3,13 +3,15 @@
 # certificate paths, swapping it on reload), the handshake and its deadline, the
 # orderly TLS close, and the one place that decides what a failed handshake means.
 #
-# Strategy. The handshake is done in finish_request(), which every concurrency model
-# runs where the handler runs: in the request thread (ThreadingMixIn, a thread pool),
-# in the child (ForkingMixIn). The accept loop only accepts, so a client that connects
-# and sends nothing costs one worker for at most handshake_timeout and never delays
-# anyone else (gevent's lesson: handshake in the spawned worker, not the accept loop).
-# Without a concurrency mix-in there is no worker, and the handshake blocks the loop
-# exactly as a handler would.
+# Strategy. The handshake is a preamble stage of the connection pipeline (TLSHandshake),
+# driven without blocking: while it waits for the client's next flight the connection
+# is a descriptor in the serving loop's epoll set and holds no thread, so 200 clients
+# stalled mid-ClientHello cost 200 descriptors, not 200 workers. Its steps -- where the
+# crypto happens: the key exchange and the certificate signature -- run on a pool thread
+# (Stage.offload), never on the loop, so a burst of handshakes cannot stall accepting
+# (gevent's lesson: handshake in the spawned worker, not the accept loop). On servers
+# without the pipeline (ThreadingMixIn, ForkingMixIn) the same stage runs in the worker
+# before the handler, waiting with select(), bounded by handshake_timeout in total.
 #
 # A failed handshake (plaintext, a stall, a rejected certificate, no common protocol)
 # is the peer's doing: it is logged once with the client address and a precise reason
@@ -33,20 +35,17 @@ import ssl
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from servekit.features.addresses import format_peer
-from servekit.knobs import Configurable, SettingError, knob, positive
-
-if TYPE_CHECKING:
-    from servekit.core.server import BaseServer
-
-    _MixinBase = BaseServer
-else:
-    _MixinBase = object
+from servekit.features.base import ServerFeature
+from servekit.features.connection import Connection
+from servekit.features.pipeline import Stage, StageError, Step
+from servekit.knobs import SettingError, knob, positive
 
 __all__ = [
     "TLSConfigError",
+    "TLSHandshake",
     "TLSInfo",
     "TLSMixIn",
     "close_tls",
@@ -410,7 +409,64 @@ def peer_certificate(handler_or_sock: Any) -> dict[str, Any] | None:
 # -- the mix-in -----------------------------------------------------------------------
 
 
-class TLSMixIn(Configurable, _MixinBase):
+class TLSHandshake(Stage):
+    """The TLS handshake as a pipeline stage: non-blocking, its steps on a pool thread."""
+
+    name = "tls"
+    offload = True
+
+    def __init__(self, server: TLSMixIn) -> None:
+        self.server = server
+
+    def timeout(self) -> float:
+        return self.server.handshake_timeout
+
+    def timeout_reason(self) -> str:
+        return f"handshake not completed within {self.server.handshake_timeout:g}s"
+
+    def expired(self, connection: Connection) -> StageError:
+        return StageError(self.timeout_reason(), cause=TimeoutError())
+
+    def step(self, connection: Connection) -> Step:
+        tls = connection.tls
+        if tls is None:
+            raw = connection.request
+            try:
+                # A client that connected and reset at once (port scanners do) is gone
+                # before we start. Checking here matters: ssl's wrap_socket() detaches
+                # the descriptor first and then, on this error, raises without closing it.
+                raw.getpeername()
+                context = self.server.tls_context  # once: a reload cannot change it under us
+                tls = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            except OSError as exc:
+                raise StageError(str(exc), cause=exc) from exc
+            connection.tls = tls
+            connection.request = tls
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return Step.READ
+        except ssl.SSLWantWriteError:
+            return Step.WRITE
+        except OSError as exc:
+            raise StageError(str(exc), cause=exc) from exc
+        return Step.DONE
+
+    def fail(self, connection: Connection, error: StageError) -> None:
+        exc = error.cause if error.cause is not None else error
+        request = connection.request
+        try:
+            self.server.handle_tls_error(request, connection.client_address, exc)
+        finally:
+            if isinstance(request, ssl.SSLSocket) and request.fileno() != -1:
+                if self.server.plaintext_http_reply and _is_plaintext_http(exc):
+                    request.settimeout(None)
+                    _answer_plaintext_http(request)  # detaches the descriptor
+                else:
+                    request.close()  # OpenSSL has already sent whatever alert applies
+
+
+class TLSMixIn(ServerFeature):
     """Serve every connection over TLS; composes with any stream server.
 
     Any concurrency mix-in works with it; by convention TLSMixIn comes first::
@@ -418,14 +474,18 @@ class TLSMixIn(Configurable, _MixinBase):
         class Server(TLSMixIn, ThreadingMixIn, TCPServer): ...
         Server(("", 8443), Handler, certfile="cert.pem", keyfile="key.pem")
 
-    The handshake runs in finish_request(), i.e. in the worker, bounded by
-    handshake_timeout. Handlers get the ssl.SSLSocket as self.request (rfile and wfile
-    work over it); tls_info(self) gives the version, cipher and client certificate.
-    reload_tls() swaps the certificate without a restart.
+    The handshake is a stage of the connection pipeline (in the loop without a thread
+    while it waits for the client, its crypto on a pool thread), bounded by
+    handshake_timeout; without the pipeline it runs in the worker before the handler.
+    Handlers get the ssl.SSLSocket as self.request (rfile and wfile work over it);
+    tls_info(self) gives the version, cipher and client certificate. reload_tls() swaps
+    the certificate without a restart.
 
     Methods that may be overridden: handle_tls_error(). Datagram servers are refused
     at construction: DTLS is out of scope.
     """
+
+    feature_rank = 40
 
     ssl_context: ssl.SSLContext | None = knob(
         None,
@@ -578,67 +638,23 @@ class TLSMixIn(Configurable, _MixinBase):
 
     # -- the request hooks ---------------------------------------------------------------
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        """Do the TLS handshake, then run the handler over the TLS socket.
+    def connection_stages(self) -> list[Stage]:
+        # Before the stages of the mix-ins after us (none wait before TLS), after those
+        # before us (the PROXY header comes in clear, before the handshake).
+        return [TLSHandshake(self), *super().connection_stages()]
 
-        Runs in the worker (thread, pool thread or child process). On a failed
-        handshake handle_tls_error() reports it and the handler does not run. The TLS
-        socket is closed here, with close_notify; the raw socket it was made from is
-        detached by the wrap (fileno() -1), so the server's shutdown_request(request)
-        that follows finds nothing left to do.
-        """
-        tls = self._tls_handshake(request, client_address)
-        if tls is None:
-            return
-        try:
-            super().finish_request(tls, client_address)
-        finally:
-            close_tls(tls)
-
-    def _tls_handshake(self, request: Any, client_address: Any) -> ssl.SSLSocket | None:
-        # The timeout the handler would have had without TLS (None, blocking, unless
-        # socket.setdefaulttimeout() was used); StreamRequestHandler.timeout applies later.
-        handler_timeout = request.gettimeout()
-        try:
-            # A client that connected and reset at once (port scanners do) is gone
-            # before we start. Checking here matters: ssl's wrap_socket() detaches the
-            # descriptor first and then, on this error, raises without closing it.
-            request.getpeername()
-        except OSError as exc:
-            self.handle_tls_error(request, client_address, exc)
-            return None
-        context = self._tls_slot.current  # read once: a reload cannot change it under us
-        try:
-            tls = context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
-        except OSError as exc:
-            self.handle_tls_error(request, client_address, exc)
-            return None
-        try:
-            # With a timeout set, ssl's do_handshake() enforces it as one deadline for
-            # the whole handshake, not per read: a client trickling a byte at a time
-            # cannot stretch it.
-            tls.settimeout(self.handshake_timeout)
-            tls.do_handshake()
-            tls.settimeout(handler_timeout)
-        except OSError as exc:
-            try:
-                self.handle_tls_error(tls, client_address, exc)
-            finally:
-                if self.plaintext_http_reply and _is_plaintext_http(exc):
-                    _answer_plaintext_http(tls)
-                else:
-                    tls.close()  # OpenSSL has already sent whatever alert applies
-            return None
-        except BaseException:
-            tls.close()
-            raise
-        return tls
+    def shutdown_request(self, request: Any) -> None:
+        """Close a TLS connection with close_notify (see close_tls()), then as usual."""
+        if isinstance(request, ssl.SSLSocket):
+            close_tls(request)
+        super().shutdown_request(request)
 
     def handle_tls_error(self, request: Any, client_address: Any, exc: BaseException) -> None:
         """Report a failed handshake: one log line with the client and the reason.
 
-        Called in the worker instead of handle_error(), which reports errors of the
-        handler. The connection is closed after it returns. May be overridden (to count
+        Called instead of handle_error(), which reports errors of the handler: on a
+        pool thread, or on the loop's thread for a handshake that timed out. The
+        connection is closed after it returns. May be overridden (to count
         failures, or to log them differently); describe_handshake_error() gives the
         level and reason used here.
         """

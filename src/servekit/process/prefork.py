@@ -23,11 +23,12 @@ import logging
 import os
 import signal
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from servekit.core.wakeup import Wakeup
+from servekit.features.base import ServerFeature
+from servekit.features.listeners import ListenerOptions, bind_listeners
 from servekit.knobs import (
-    Configurable,
     knob,
     non_negative,
     optional_positive,
@@ -42,19 +43,12 @@ from servekit.process.supervisor import (
     WorkerState,
 )
 
-if TYPE_CHECKING:
-    from servekit.core.sockets import TCPServer
-
-    _MixinBase = TCPServer
-else:
-    _MixinBase = object
-
 __all__ = ["PreforkMixIn"]
 
 log = logging.getLogger("servekit.prefork")
 
 
-class PreforkMixIn(Configurable, _MixinBase):
+class PreforkMixIn(ServerFeature):
     """Serve from pre-forked worker processes under a supervisor. Put it first.
 
     serve_forever() in the parent supervises `workers` processes until shutdown(),
@@ -62,6 +56,13 @@ class PreforkMixIn(Configurable, _MixinBase):
     SIGTTIN/SIGTTOU add or remove one. Override worker_init() for per-process setup
     (it runs in each worker before it serves; an exception there is a boot error).
     """
+
+    feature_rank = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._worker_context: WorkerContext | None = None
+        self._supervisor: Supervisor | None = None
+        super().__init__(*args, **kwargs)
 
     workers: int = knob(2, "number of worker processes", check=positive, section="prefork")
     graceful_timeout: float = knob(
@@ -100,14 +101,12 @@ class PreforkMixIn(Configurable, _MixinBase):
     @property
     def worker_context(self) -> WorkerContext | None:
         """In a worker process, its context (index, generation, ...); None in the parent."""
-        context: WorkerContext | None = self.__dict__.get("_servekit_worker")
-        return context
+        return getattr(self, "_worker_context", None)
 
     @property
     def supervisor(self) -> Supervisor | None:
         """The running supervisor, in the parent while serve_forever() runs."""
-        supervisor: Supervisor | None = self.__dict__.get("_servekit_supervisor")
-        return supervisor
+        return getattr(self, "_supervisor", None)
 
     def server_bind(self) -> None:
         if self.reuse_port:
@@ -129,9 +128,9 @@ class PreforkMixIn(Configurable, _MixinBase):
             return
         super().server_activate()
 
-    def _serve_until_stopped(self, wakeup: Wakeup, poll_interval: float) -> None:
+    def run_loop(self, wakeup: Wakeup, poll_interval: float) -> None:
         if self.worker_context is not None:
-            super()._serve_until_stopped(wakeup, poll_interval)
+            super().run_loop(wakeup, poll_interval)
             return
         supervisor = Supervisor(
             lambda context: self._worker_main(context, poll_interval),
@@ -146,11 +145,11 @@ class PreforkMixIn(Configurable, _MixinBase):
             on_tick=self.supervisor_tick,
             name=type(self).__name__,
         )
-        self.__dict__["_servekit_supervisor"] = supervisor
+        self._supervisor = supervisor
         try:
-            supervisor.run(wakeup=wakeup, should_stop=self._stop_requested)
+            supervisor.run(wakeup=wakeup, should_stop=lambda: self.stop_requested)
         finally:
-            self.__dict__["_servekit_supervisor"] = None
+            self._supervisor = None
 
     def on_reload(self) -> None:
         """Called in the parent on SIGHUP before new workers start. May be overridden."""
@@ -180,8 +179,8 @@ class PreforkMixIn(Configurable, _MixinBase):
         """Called in each worker process before it serves. May be overridden."""
 
     def _worker_main(self, context: WorkerContext, poll_interval: float) -> int:
-        self._reset_after_fork()
-        self.__dict__["_servekit_worker"] = context
+        self.reset_after_fork()
+        self._worker_context = context
         # Graceful: stop the loop, then drain (below). Fast: leave now. The supervisor
         # owns reloads and resizing; a worker ignores them (SIGTTIN/SIGTTOU would
         # otherwise stop the process, SIGHUP would kill it).
@@ -207,21 +206,16 @@ class PreforkMixIn(Configurable, _MixinBase):
         return EXIT_OK
 
     def _open_worker_listener(self) -> None:
-        listener = socket.socket(self.address_family, self.socket_type)
-        try:
-            if self.allow_reuse_address:
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            listener.bind(self.server_address)
-            listener.listen(self.request_queue_size)
-            listener.setblocking(False)
-        except BaseException:
-            listener.close()
-            raise
-        inherited, self.socket = self.socket, listener
+        # The listener code builds it, so it gets the same options as every listener
+        # (TCP_NODELAY, keep-alive, backlog, IPV6_V6ONLY), plus SO_REUSEPORT.
+        options = self if isinstance(self, ListenerOptions) else ListenerOptions(so_reuseport=True)
+        host, port = self.server_address[0], self.server_address[1]
+        address = f"tcp://[{host}]:{port}" if ":" in str(host) else f"tcp://{host}:{port}"
+        [listener] = bind_listeners([address], options, stream=True, nonblocking=True)
+        inherited, self.socket = self.socket, listener.socket
         listeners = getattr(self, "listeners", None)
         if listeners:
-            listeners[0].socket = listener  # ListenersMixIn serves from its list
+            listeners[0].socket = listener.socket  # ListenersMixIn serves from its list
         inherited.close()
 
     def service_actions(self) -> None:

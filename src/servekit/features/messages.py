@@ -1,0 +1,81 @@
+# The per-message handler API: how a handler tells the server where one message ends, so
+# that an idle connection can wait in the serving loop instead of on a thread.
+#
+# Strategy. The standard library already has the seam: BaseHTTPRequestHandler.handle()
+# is a loop over handle_one_request() until close_connection is true. We adopt exactly
+# that protocol for every stream handler, so one rule covers http.server's handlers
+# unmodified and servekit's own:
+#
+#   * handle_one_request() reads and answers one message, blocking as long as it needs;
+#   * close_connection, set by it, says whether the connection ends after this message.
+#
+# A server with a connection pipeline (ThreadPoolMixIn) runs handle_one_request() once
+# per message on a pool thread and, between messages, parks the connection in its loop
+# without a thread (servekit.features.pipeline). Any other server (ThreadingMixIn,
+# ForkingMixIn, handle_request()) runs handle(), the plain loop, as before. A handler
+# class is run message by message only when its handle() is one of the loops below,
+# i.e. not overridden: a subclass that wraps handle() in its own logic keeps a thread
+# for the connection's whole life, exactly as it was written.
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from servekit.core.handlers import StreamRequestHandler
+
+__all__ = ["MessageHandler", "message_loop_of"]
+
+# Marks a handle() that is only "handle_one_request() until close_connection"; the value
+# is close_connection's initial value for the first message.
+_MARK = "__servekit_message_loop__"
+
+
+class MessageHandler(StreamRequestHandler):
+    """A stream handler that answers one message at a time. Override handle_one_request().
+
+    handle_one_request() reads one message from rfile and writes its answer to wfile;
+    it sets ``self.close_connection = True`` to end the connection (at EOF, after an
+    error reply, when the protocol says so). Attributes set on self persist from one
+    message to the next: the same handler object serves the whole connection, and
+    setup() and finish() run once, at its start and end.
+
+    On a pool server, between messages the connection waits in the serving loop without a
+    thread; its next bytes bring it back to a pool thread. Elsewhere handle() loops over
+    handle_one_request() on one thread, as BaseHTTPRequestHandler.handle() does.
+    """
+
+    close_connection: bool = False
+
+    def handle(self) -> None:
+        """Call handle_one_request() until close_connection. Do not override: a handler
+        whose handle() is overridden is no longer run message by message."""
+        self.close_connection = False
+        while not self.close_connection:
+            self.handle_one_request()
+
+    setattr(handle, _MARK, False)
+
+    def handle_one_request(self) -> None:
+        """Read one message and answer it. Must be overridden."""
+        raise NotImplementedError
+
+
+def message_loop_of(handler_class: Any) -> bool | None:
+    """close_connection's initial value if handler_class can be run message by message,
+    else None (its handle() is its own: run it whole, on one thread).
+
+    True for http.server.BaseHTTPRequestHandler and its subclasses that keep its handle()
+    (HTTP starts as "close", and parse_request() turns keep-alive on); False for
+    MessageHandler's.
+    """
+    handle = getattr(handler_class, "handle", None)
+    if handle is None:
+        return None
+    marked = getattr(handle, _MARK, None)
+    if marked is not None:
+        return bool(marked)
+    http = sys.modules.get("http.server")  # never import it ourselves
+    base = getattr(http, "BaseHTTPRequestHandler", None)
+    if base is not None and handle is base.handle:
+        return True
+    return None

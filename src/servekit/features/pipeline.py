@@ -1,0 +1,719 @@
+# The connection pipeline: every accepted stream connection goes
+#
+#   admit -> preamble stages (in the loop) -> handler (pool thread) -> park (in the loop)
+#                                                  ^                       |
+#                                                  +---- its next bytes ---+   -> close
+#
+# Strategy (gunicorn's gthread worker, generalised). Threads run handlers and CPU-bound
+# stage steps, never wait on a client. Everything that waits -- a PROXY header that
+# trickles in, a TLS handshake waiting for the client's next flight, a connection that
+# has not sent its first request, a keep-alive connection between two messages -- waits
+# as a descriptor in one epoll set, which the serving loop watches (BaseServer.watch()).
+#
+#   * Ownership, not locks: a connection is owned by the loop (ADMITTED, PREAMBLE,
+#     PARKED) or by exactly one pool thread (HANDLING); see servekit.features.connection.
+#     A thread hands a connection back by arming its descriptor (epoll_ctl is
+#     thread-safe) after setting every field, and never touches it again.
+#   * Every arm is EPOLLONESHOT | EPOLLET: one event, then the descriptor is silent until
+#     re-armed, so the loop never spins on a socket a thread is reading, and an event for a
+#     connection the loop does not own is simply dropped. The one exception: a connection
+#     waiting for the rest of a line stays armed edge-triggered without one-shot, because
+#     re-arming a socket with unread bytes reports it ready again at once (epoll_ctl
+#     re-polls), and the line wait peeks without reading.
+#   * Busy connections stay off the loop: after a message the thread checks whether the
+#     next one is already buffered (in the handler's rfile, or in the kernel) and, if so,
+#     handles it at once; only a connection with nothing to read is parked. A parked
+#     connection costs one wake-up of the loop and one hand-off to the pool per message.
+#   * Deadlines (stage timeouts, the idle timeout of parked connections) are fields of the
+#     record, checked by one sweep of the loop-owned connections every sweep interval
+#     (at most 1 s, finer for short timeouts): no timer per message, so a busy connection
+#     costs no heap operations and memory does not grow with the message rate.
+#   * Handlers are run message by message when their class allows it
+#     (servekit.features.messages): the handler object is kept on the record between
+#     messages and its finish() deferred until the connection closes. Any other handler
+#     runs whole on its thread, as with the stdlib.
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from servekit.errors import ServekitError
+from servekit.features.addresses import format_peer
+from servekit.features.connection import (
+    Connection,
+    ConnectionState,
+    _set_current,
+    current_connection,
+)
+from servekit.features.messages import message_loop_of
+
+__all__ = [
+    "PEER_GONE",
+    "ConnectionPipeline",
+    "Stage",
+    "StageError",
+    "Step",
+    "run_stages_blocking",
+]
+
+log = logging.getLogger("servekit.pipeline")
+
+# Exceptions that mean the client went away mid-conversation: a normal event on the
+# Internet (a closed browser tab, a load balancer's health check, a phone losing signal),
+# logged at debug, never a traceback.
+PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, ssl.SSLEOFError)
+
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+_ARM_ONCE = select.EPOLLET | select.EPOLLONESHOT
+# Longest and shortest gap between deadline sweeps: a timeout fires at most this late.
+_SWEEP_MAX = 1.0
+_SWEEP_MIN = 0.05
+# Events taken per epoll_wait(): one wake-up of the loop serves a burst.
+_MAX_EVENTS = 256
+
+
+class Step(enum.Enum):
+    """What a stage step needs next."""
+
+    DONE = "done"  # the stage is complete
+    READ = "read"  # wait until the socket is readable
+    MORE = "more"  # bytes are queued but not enough: wait until *more* arrive
+    WRITE = "write"  # wait until the socket is writable
+
+
+class StageError(ServekitError):
+    """A connection failed a preamble stage: the peer's doing, reported in one line.
+
+    ``level`` is the logging level; ``cause`` the underlying exception, if any.
+    """
+
+    def __init__(
+        self, reason: str, level: int = logging.INFO, cause: BaseException | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.level = level
+        self.cause = cause
+
+
+class Stage:
+    """One preamble step of a connection, driven without blocking. Subclass it.
+
+    step() is called when the stage starts and whenever the socket becomes ready for
+    what it asked; it must not block, and returns Step.READ / Step.WRITE to wait or
+    Step.DONE. A failure raises StageError, which fail() reports. Stages run on the
+    loop's thread unless ``offload`` is true (CPU-heavy steps: the TLS handshake's
+    crypto), in which case each step runs on a pool thread.
+    """
+
+    #: Short name for logs and docs ("proxy", "tls", "wait").
+    name = "stage"
+    #: Run steps on a pool thread instead of the loop.
+    offload = False
+
+    def timeout(self) -> float | None:
+        """Seconds the whole stage may take, from its start (None: no limit)."""
+        return None
+
+    def timeout_reason(self) -> str:
+        """What to log when the stage's deadline passes."""
+        return f"{self.name} not completed in time"
+
+    def expired(self, connection: Connection) -> StageError:
+        """The error for a connection whose deadline passed in this stage. May be
+        overridden to say how far it got."""
+        return StageError(connection.deadline_reason)
+
+    def step(self, connection: Connection) -> Step:
+        raise NotImplementedError
+
+    def fail(self, connection: Connection, error: StageError) -> None:
+        """Report a failed stage (the connection is closed after). May be overridden."""
+        log.log(error.level, "%s: %s; closing", format_peer(connection.peer), error.reason)
+
+
+def run_stages_blocking(
+    server: Any, connection: Connection, stages: Sequence[Stage]
+) -> bool:
+    """Run every stage on this thread, waiting with select(); True if all completed.
+
+    For servers without a pipeline (ThreadingMixIn, ForkingMixIn, handle_request()), and
+    for connections accepted during shutdown. Leaves the socket blocking.
+    """
+    if not stages:
+        return True
+    sock = connection.request
+    previous = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        for index, stage in enumerate(stages):
+            connection.stage = index
+            connection.set_deadline(stage.timeout(), stage.timeout_reason())
+            while True:  # bounded by the stage's deadline, or by the peer closing
+                try:
+                    step = stage.step(connection)
+                except StageError as error:
+                    stage.fail(connection, error)
+                    return False
+                if step is Step.DONE:
+                    break
+                sock = connection.request  # a stage may have wrapped it (TLS)
+                remaining = None
+                if connection.deadline is not None:
+                    remaining = connection.deadline - time.monotonic()
+                    if remaining <= 0:
+                        stage.fail(connection, stage.expired(connection))
+                        return False
+                if step is Step.MORE:
+                    _wait_for_more(sock, remaining)
+                else:
+                    want = ([sock], []) if step is Step.READ else ([], [sock])
+                    select.select(want[0], want[1], [], remaining)
+        connection.stage = len(stages)
+        return True
+    finally:
+        connection.deadline = None
+        if connection.request.fileno() != -1:
+            connection.request.settimeout(previous)
+
+
+def _wait_for_more(sock: Any, timeout: float | None) -> None:
+    # select() would report the queued bytes at once, every time; an edge-triggered
+    # epoll reports only bytes that arrive from now on (or the peer closing).
+    with select.epoll(1) as waiter:
+        waiter.register(sock.fileno(), _IN | select.EPOLLET)
+        waiter.poll(-1 if timeout is None else timeout)
+
+
+class _Parked:
+    """Marks a handler object whose finish() waits for the connection's close."""
+
+
+@functools.lru_cache(maxsize=64)
+def _parkable_class(cls: type, initial: bool) -> type:
+    """A subclass of cls whose constructor handles only the first message.
+
+    Its __init__ is the class's own (so a handler that takes extra arguments through
+    functools.partial, like SimpleHTTPRequestHandler's directory=, keeps them); handle()
+    runs one handle_one_request(), and finish() is deferred until the pipeline closes
+    the connection.
+    """
+
+    def handle(self: Any) -> None:
+        self.close_connection = initial
+        self.handle_one_request()
+        # Only now: if the first message raised, the constructor's own finish() ran
+        # for real and the pipeline must not call it again.
+        self._servekit_deferred = True
+        connection = current_connection()
+        if connection is not None:
+            connection.handler = self
+
+    def finish(self: Any) -> None:
+        if getattr(self, "_servekit_deferred", False):
+            return
+        cls.finish(self)  # type: ignore[attr-defined]
+
+    namespace = {
+        "handle": handle,
+        "finish": finish,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+    }
+    return type(cls.__name__, (cls, _Parked), namespace)
+
+
+def parkable_factory(factory: Any) -> Any:
+    """A factory like RequestHandlerClass whose handlers can be parked, or None."""
+    if isinstance(factory, functools.partial) and isinstance(factory.func, type):
+        initial = message_loop_of(factory.func)
+        if initial is None:
+            return None
+        return functools.partial(
+            _parkable_class(factory.func, initial), *factory.args, **factory.keywords
+        )
+    if isinstance(factory, type):
+        initial = message_loop_of(factory)
+        return None if initial is None else _parkable_class(factory, initial)
+    return None
+
+
+def _finish_handler(handler: Any) -> None:
+    handler._servekit_deferred = False
+    handler.finish()
+
+
+class ConnectionPipeline:
+    """The loop side and the thread side of every stream connection of one server.
+
+    Created by ThreadPoolMixIn per process. ``submit`` runs a callable on a pool thread.
+    """
+
+    def __init__(
+        self,
+        server: Any,
+        stages: Sequence[Stage],
+        submit: Callable[..., None],
+        *,
+        idle_timeout: float | None,
+        message_wait: Any = None,
+    ) -> None:
+        self.server = server
+        self.stages = tuple(stages)
+        self.submit = submit
+        #: Seconds a parked connection may wait for its next message (None: forever).
+        self.idle_timeout = idle_timeout
+        #: An object with ready(connection, events) -> verdict (see WaitForRequest in
+        #: servekit.features.limits), applied to parked connections; None: any byte.
+        self.message_wait = message_wait
+        self.epoll = select.epoll()
+        #: Every open connection by descriptor. Written by the loop (admit) and by
+        #: whoever closes a connection; dict operations are atomic.
+        self.connections: dict[int, Connection] = {}
+        # Serialises "park" against "stop parking, close the idle ones" at shutdown.
+        self._park_lock = threading.Lock()
+        self.closing = False
+        self._factory_source: Any = None
+        self._factory: Any = None
+        timeouts = [s.timeout() for s in self.stages] + [idle_timeout]
+        shortest = min((t for t in timeouts if t is not None), default=4 * _SWEEP_MAX)
+        self.sweep_interval = min(_SWEEP_MAX, max(_SWEEP_MIN, shortest / 4))
+        self._sweep_timer: Any = None
+
+    def fileno(self) -> int:
+        return self.epoll.fileno()
+
+    # -- counters ------------------------------------------------------------------------
+
+    @property
+    def parked(self) -> int:
+        """Connections waiting between messages without a thread."""
+        return sum(1 for c in list(self.connections.values()) if c.state is ConnectionState.PARKED)
+
+    @property
+    def waiting(self) -> int:
+        """Connections in a preamble stage (PROXY header, TLS, first request)."""
+        return sum(
+            1
+            for c in list(self.connections.values())
+            if c.state in (ConnectionState.PREAMBLE, ConnectionState.ADMITTED)
+        )
+
+    # -- the loop side -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Watch the epoll set from the server's loop. Call on the loop's thread."""
+        self.server.watch(self, self.on_ready)
+        self._schedule_sweep()
+
+    def stop(self) -> None:
+        self.server.unwatch(self)
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
+
+    def admit(self, sock: socket.socket, peer: Any) -> None:
+        """Take a freshly accepted connection (loop thread)."""
+        connection = Connection(sock, peer)
+        connection.timeout = sock.gettimeout()
+        sock.setblocking(False)
+        self.connections[connection.fd] = connection
+        self.epoll.register(connection.fd, _ARM_ONCE)
+        self.server.connection_opened(connection)
+        self._enter(connection, 0)
+        if self._advance(connection, on_loop=True):
+            self._dispatch(connection)
+
+    def on_ready(self) -> None:
+        """The epoll set is readable: move each ready connection on (loop thread)."""
+        for fd, events in self.epoll.poll(0, _MAX_EVENTS):
+            connection = self.connections.get(fd)
+            if connection is None:
+                continue
+            state = connection.state
+            if state is ConnectionState.PREAMBLE:
+                if self.stages[connection.stage].offload or self._advance(connection, on_loop=True):
+                    self._dispatch(connection)
+            elif state is ConnectionState.PARKED:
+                self._unpark(connection, events)
+            # HANDLING: a late event for a connection a thread owns; it re-arms itself.
+
+    def _unpark(self, connection: Connection, events: int) -> None:
+        verdict = self._message_ready(connection, events)
+        if verdict == "ready":
+            self._dispatch(connection)
+        elif verdict == "wait":
+            self._arm(connection)  # a spurious event: wait again
+        elif verdict == "more":
+            self._wait(connection, Step.MORE)
+        else:
+            self._close(connection, verdict, finish_on_loop=True)
+
+    def _message_ready(self, connection: Connection, events: int) -> str:
+        """'ready', 'wait' (nothing yet), 'more' (part of a message), or why to close
+        ('' when the client simply closed)."""
+        if self.message_wait is not None:
+            verdict: str = self.message_wait.ready(connection, events)
+            return verdict
+        return peek_ready(connection)
+
+    def sweep(self) -> None:
+        """Close loop-owned connections whose deadline passed (loop thread)."""
+        now = time.monotonic()
+        for connection in list(self.connections.values()):
+            deadline = connection.deadline
+            if deadline is None or deadline > now:
+                continue
+            if connection.state is ConnectionState.PREAMBLE:
+                stage = self.stages[connection.stage]
+                self._remove(connection)
+                stage.fail(connection, stage.expired(connection))
+                self._close_socket(connection)
+            elif connection.state is ConnectionState.PARKED:
+                self._close(connection, "", finish_on_loop=True)
+                log.debug(
+                    "%s: idle for idle_timeout=%ss between messages; closed",
+                    format_peer(connection.client_address),
+                    self.idle_timeout,
+                )
+
+    def _schedule_sweep(self) -> None:
+        def tick() -> None:
+            self.sweep()
+            self._schedule_sweep()
+
+        self._sweep_timer = self.server.call_at(time.monotonic() + self.sweep_interval, tick)
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def _enter(self, connection: Connection, index: int) -> None:
+        connection.stage = index
+        if index < len(self.stages):
+            stage = self.stages[index]
+            connection.set_deadline(stage.timeout(), stage.timeout_reason())
+        else:
+            connection.deadline = None
+
+    def _advance(self, connection: Connection, *, on_loop: bool) -> bool:
+        """Run stages until one must wait (armed: False) or all are done (True)."""
+        stages = self.stages
+        while connection.stage < len(stages):
+            stage = stages[connection.stage]
+            if on_loop and stage.offload:
+                # Never run its step on the loop, even when the bytes are already there:
+                # wait for readability (reported at once if they are) and hand it over.
+                self._wait(connection, Step.READ)
+                return False
+            try:
+                step = stage.step(connection)
+            except StageError as error:
+                self._remove(connection)
+                stage.fail(connection, error)
+                self._close_socket(connection)
+                return False
+            except Exception:
+                self._remove(connection)
+                self.server.handle_error(connection.request, connection.client_address)
+                self._close_socket(connection)
+                return False
+            if step is Step.DONE:
+                self._enter(connection, connection.stage + 1)
+                continue
+            self._wait(connection, step)
+            return False
+        return True
+
+    def _wait(self, connection: Connection, step: Step) -> None:
+        if connection.state is not ConnectionState.PARKED:
+            connection.state = ConnectionState.PREAMBLE
+        if step is Step.WRITE:
+            self._modify(connection, select.EPOLLOUT | _ARM_ONCE)
+        elif step is Step.MORE:
+            if not connection.waiting_armed:
+                # Bytes are there but not a whole message: stay armed edge-triggered so
+                # that only new bytes wake us (see the strategy comment).
+                connection.waiting_armed = True
+                self._modify(connection, _IN | select.EPOLLET)
+        else:
+            self._arm(connection)
+
+    # -- handing over and back -----------------------------------------------------------
+
+    def _arm(self, connection: Connection) -> None:
+        connection.waiting_armed = False
+        self._modify(connection, _IN | _ARM_ONCE)
+
+    def _modify(self, connection: Connection, mask: int) -> None:
+        try:
+            self.epoll.modify(connection.fd, mask)
+        except (OSError, ValueError):
+            # Closed under us (shutdown closed it from another thread): nothing to arm.
+            pass
+
+    def _dispatch(self, connection: Connection) -> None:
+        connection.state = ConnectionState.HANDLING
+        try:
+            self.submit(self.run, connection)
+        except RuntimeError:
+            # The pool is shut down (server closing): this connection will not be served.
+            self._close(connection, "", finish_on_loop=True)
+
+    def run(self, connection: Connection) -> None:
+        """A pool thread's turn with a connection: stage steps, then messages."""
+        _set_current(connection)
+        try:
+            if connection.stage < len(self.stages) and not self._advance(connection, on_loop=False):
+                return
+            self._handle(connection)
+        finally:
+            _set_current(None)
+
+    def _handle(self, connection: Connection) -> None:
+        server = self.server
+        request = connection.request
+        if connection.handler is None:
+            request.settimeout(connection.timeout)
+            factory = self._parkable_factory()
+            connection.handler_factory = factory
+            if factory is None:
+                # A handler that loops in handle() itself: it keeps this thread for the
+                # connection's whole life, exactly as with the stdlib.
+                self._run_whole(connection)
+                return
+        while True:
+            connection.messages += 1
+            server.message_started(connection)
+            error = self._one_message(connection)
+            handler = connection.handler
+            if error or handler is None or handler.close_connection:
+                self._close(connection, "")
+                return
+            if connection.closing or self.closing:
+                self._close(connection, "")
+                return
+            if not _has_buffered(connection):
+                break
+        self._park(connection)
+
+    def _one_message(self, connection: Connection) -> bool:
+        """Run one message; True if the connection must close because of an error."""
+        try:
+            if connection.handler is None:
+                self.server.finish_request(connection.request, connection.client_address)
+                if connection.handler is None:
+                    return True  # the constructor did not reach handle()
+            else:
+                connection.handler.handle_one_request()
+        except Exception as exc:
+            self._report(connection, exc)
+            return True
+        return False
+
+    def _run_whole(self, connection: Connection) -> None:
+        connection.messages = 1
+        self.server.message_started(connection)
+        try:
+            self.server.finish_request(connection.request, connection.client_address)
+        except Exception as exc:
+            self._report(connection, exc)
+        finally:
+            self._close(connection, "")
+
+    def _report(self, connection: Connection, exc: Exception) -> None:
+        if isinstance(exc, PEER_GONE):
+            log.debug("%s: the client went away (%s)", format_peer(connection.client_address), exc)
+        elif isinstance(exc, TimeoutError):
+            timeout = connection.request.gettimeout()
+            log.info(
+                "%s: silent for longer than the read timeout of %ss; closing",
+                format_peer(connection.client_address),
+                "?" if timeout is None else f"{timeout:g}",
+            )
+        else:
+            self.server.handle_error(connection.request, connection.client_address)
+
+    def _parkable_factory(self) -> Any:
+        source = self.server.RequestHandlerClass
+        if source is not self._factory_source:  # changed by a reload
+            self._factory = parkable_factory(source)
+            self._factory_source = source
+        return self._factory
+
+    def _park(self, connection: Connection) -> None:
+        with self._park_lock:
+            if self.closing:
+                park = False
+            else:
+                park = True
+                connection.state = ConnectionState.PARKED
+                connection.set_deadline(self.idle_timeout, "idle")
+                self._arm(connection)  # last: from here on the loop owns it
+        if not park:
+            self._close(connection, "")
+
+    # -- closing -------------------------------------------------------------------------
+
+    def _remove(self, connection: Connection) -> None:
+        connection.state = ConnectionState.CLOSED
+        if self.connections.get(connection.fd) is connection:
+            del self.connections[connection.fd]
+        try:
+            self.epoll.unregister(connection.fd)
+        except (OSError, ValueError):
+            pass
+
+    def _close_socket(self, connection: Connection) -> None:
+        try:
+            self.server.shutdown_request(connection.request)
+        except Exception:
+            log.exception("closing %r failed", connection)
+        finally:
+            self.server.connection_closed(connection)
+
+    def _close(self, connection: Connection, reason: str, *, finish_on_loop: bool = False) -> None:
+        """Close a connection its caller owns: the handler's finish(), then the socket."""
+        if connection.state is ConnectionState.CLOSED:
+            return
+        self._remove(connection)
+        if reason:
+            log.info("%s: %s; closing", format_peer(connection.client_address), reason)
+        handler = connection.handler
+        if handler is not None:
+            connection.handler = None
+            try:
+                if finish_on_loop:
+                    # Not on a pool thread: the socket must not block us (whatever was
+                    # left unflushed cannot be delivered to a client that left anyway).
+                    connection.request.setblocking(False)
+                _finish_handler(handler)
+            except Exception:
+                self.server.handle_error(connection.request, connection.client_address)
+        self._close_socket(connection)
+
+    def close_idle(self) -> int:
+        """Stop parking; close every connection that waits with nothing to read.
+
+        For the shutdown sequence, after the loop stopped: connections owned by the loop
+        are owned by nobody else now. One whose next request has already arrived (bytes
+        queued) is served once more on a pool thread instead, without keep-alive.
+        Returns how many were closed.
+        """
+        with self._park_lock:
+            self.closing = True
+            idle = [
+                c
+                for c in list(self.connections.values())
+                if c.state is not ConnectionState.HANDLING
+            ]
+        closed = 0
+        for connection in idle:
+            connection.closing = True
+            if peek_ready(connection) == "ready":
+                connection.state = ConnectionState.HANDLING
+                try:
+                    self.submit(self._serve_last, connection)
+                    continue
+                except RuntimeError:
+                    pass  # the pool is already shut down
+            closed += 1
+            if connection.handler is None:
+                self._remove(connection)
+                self._close_socket(connection)
+            else:
+                self._close(connection, "", finish_on_loop=True)
+        return closed
+
+    def _serve_last(self, connection: Connection) -> None:
+        """Finish a connection's preamble and serve one message, blocking (shutdown)."""
+        _set_current(connection)
+        try:
+            if connection.stage < len(self.stages):
+                remaining = self.stages[connection.stage :]
+                if not run_stages_blocking(self.server, connection, remaining):
+                    self._remove(connection)
+                    self._close_socket(connection)
+                    return
+                connection.stage = len(self.stages)
+            self._handle(connection)
+        finally:
+            _set_current(None)
+
+    def serve_blocking(self, sock: socket.socket, peer: Any) -> None:
+        """Serve one connection whole on this thread: preamble, one handler run, close.
+
+        For connections taken from the backlog during shutdown: no parking.
+        """
+        connection = Connection(sock, peer)
+        connection.closing = True
+        self.connections[connection.fd] = connection
+        self.server.connection_opened(connection)
+        connection.state = ConnectionState.HANDLING
+        _set_current(connection)
+        try:
+            if not run_stages_blocking(self.server, connection, self.stages):
+                self._remove(connection)
+                self._close_socket(connection)
+                return
+            self._handle(connection)
+        finally:
+            _set_current(None)
+
+    def close(self) -> None:
+        self.stop()
+        self.epoll.close()
+
+
+def peek_ready(connection: Connection) -> str:
+    """Whether a byte of the next message is queued: 'ready', 'wait', or '' at EOF.
+
+    Peeks below TLS (at the encrypted bytes), so it works for every connection.
+    """
+    request = connection.request
+    if isinstance(request, ssl.SSLSocket) and request.pending():
+        return "ready"
+    try:
+        peeked = socket.socket.recv(request, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return "wait"
+    except OSError:
+        return ""
+    return "ready" if peeked else ""
+
+
+def _has_buffered(connection: Connection) -> bool:
+    """Whether the next message is already here: in the handler's rfile, in TLS's
+    decrypted buffer, or in the kernel. Never blocks."""
+    request = connection.request
+    if isinstance(request, ssl.SSLSocket) and request.pending():
+        return True
+    rfile = getattr(connection.handler, "rfile", None)
+    peek = getattr(rfile, "peek", None)
+    if peek is None or getattr(rfile, "closed", True):
+        try:
+            return bool(socket.socket.recv(request, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:
+            return False
+    previous = request.gettimeout()
+    try:
+        # BufferedReader.peek() returns the buffer when it holds anything, and otherwise
+        # makes one raw read: non-blocking, so that read cannot wait for the client.
+        request.settimeout(0.0)
+        return bool(peek(1))
+    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return False
+    except (OSError, ValueError):
+        return False
+    finally:
+        try:
+            request.settimeout(previous)
+        except OSError:
+            pass
