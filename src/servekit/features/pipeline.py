@@ -140,9 +140,7 @@ class Stage:
         log.log(error.level, "%s: %s; closing", format_peer(connection.peer), error.reason)
 
 
-def run_stages_blocking(
-    server: Any, connection: Connection, stages: Sequence[Stage]
-) -> bool:
+def run_stages_blocking(server: Any, connection: Connection, stages: Sequence[Stage]) -> bool:
     """Run every stage on this thread, waiting with select(); True if all completed.
 
     For servers without a pipeline (ThreadingMixIn, ForkingMixIn, handle_request()), and
@@ -481,7 +479,6 @@ class ConnectionPipeline:
         server = self.server
         request = connection.request
         if connection.handler is None:
-            request.settimeout(connection.timeout)
             factory = self._parkable_factory()
             connection.handler_factory = factory
             if factory is None:
@@ -490,6 +487,10 @@ class ConnectionPipeline:
                 self._run_whole(connection)
                 return
         while True:
+            # In the loop the socket is non-blocking (peeks must never wait: with a
+            # timeout, Python polls before every recv, MSG_DONTWAIT or not); the handler
+            # gets the timeout it had.
+            request.settimeout(connection.timeout)
             connection.messages += 1
             server.message_started(connection)
             error = self._one_message(connection)
@@ -519,6 +520,7 @@ class ConnectionPipeline:
         return False
 
     def _run_whole(self, connection: Connection) -> None:
+        connection.request.settimeout(connection.timeout)
         connection.messages = 1
         self.server.message_started(connection)
         try:
@@ -691,29 +693,28 @@ def peek_ready(connection: Connection) -> str:
 
 def _has_buffered(connection: Connection) -> bool:
     """Whether the next message is already here: in the handler's rfile, in TLS's
-    decrypted buffer, or in the kernel. Never blocks."""
+    decrypted buffer, or in the kernel. Never blocks.
+
+    Leaves the socket non-blocking, as the loop needs it, and remembers the handler's
+    timeout in the record (restored before the next message).
+    """
     request = connection.request
+    try:
+        connection.timeout = request.gettimeout()
+        request.settimeout(0.0)
+    except OSError:
+        return False
     if isinstance(request, ssl.SSLSocket) and request.pending():
         return True
     rfile = getattr(connection.handler, "rfile", None)
     peek = getattr(rfile, "peek", None)
-    if peek is None or getattr(rfile, "closed", True):
-        try:
-            return bool(socket.socket.recv(request, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except OSError:
-            return False
-    previous = request.gettimeout()
     try:
+        if peek is None or getattr(rfile, "closed", True):
+            return bool(socket.socket.recv(request, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         # BufferedReader.peek() returns the buffer when it holds anything, and otherwise
         # makes one raw read: non-blocking, so that read cannot wait for the client.
-        request.settimeout(0.0)
         return bool(peek(1))
-    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-        return False
     except (OSError, ValueError):
+        # Nothing to read yet (BlockingIOError, SSLWantReadError), or an error the
+        # loop will see as readiness and the handler then report.
         return False
-    finally:
-        try:
-            request.settimeout(previous)
-        except OSError:
-            pass

@@ -435,10 +435,14 @@ class ThreadPoolMixIn(ServerFeature):
     def accept_backlog(self) -> None:
         """Serve, once each, the connections the kernel queued before we stopped."""
         super().accept_backlog()
-        runtime = self._here()
-        if runtime is None or runtime.pipeline is None or runtime.drained:
+        if self.socket_type != socket.SOCK_STREAM:
             return
-        pipeline = runtime.pipeline
+        runtime = self._here()
+        if runtime is not None and runtime.drained:
+            return
+        pipeline = self._pipeline_here()
+        runtime = self._here()
+        assert runtime is not None
         taken = 0
         for source in self.accept_sources():
             self.ready_listener = source

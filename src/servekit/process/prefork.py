@@ -218,6 +218,11 @@ class PreforkMixIn(ServerFeature):
             listeners[0].socket = listener.socket  # ListenersMixIn serves from its list
         inherited.close()
 
+    def accept_backlog(self) -> None:
+        # In the parent the listener is the workers': it accepts nothing itself.
+        if self.worker_context is not None:
+            super().accept_backlog()
+
     def service_actions(self) -> None:
         context = self.worker_context
         if context is not None:

@@ -1,0 +1,492 @@
+"""The connection pipeline: preamble in the loop, handlers on threads, keep-alive parking, one shutdown order."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import servekit
+from servekit.apps.echo import EchoHandler
+from servekit.features.connection import current_connection
+from servekit.features.limits import LimitsMixIn
+from servekit.features.messages import MessageHandler, message_loop_of
+from servekit.features.pool import ThreadPoolMixIn, ThreadPoolTCPServer, ThreadPoolUnixStreamServer
+from servekit.features.proxy import ProxyProtocolMixIn
+from servekit.features.tls import TLSMixIn
+from servekit.protocols.proxy_header import build_v2
+from servekit.testing import LOCALHOST, closed_by_peer, connect, serving
+from tests.tls_certs import CertSet
+
+TIMEOUT = 10.0
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+    """Poll a server counter until predicate() holds; bounded in time (counters have no event)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        threading.Event().wait(0.01)
+    return True
+
+
+def exchange(sock: socket.socket, line: bytes) -> bytes:
+    sock.sendall(line)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class LimitsPool(LimitsMixIn, ThreadPoolMixIn, servekit.TCPServer):
+    pass
+
+
+class Counting(MessageHandler):
+    """Echo lines; count setup() and finish() calls per connection."""
+
+    setups = 0
+    finishes = 0
+    lock = threading.Lock()
+
+    def setup(self) -> None:
+        super().setup()
+        with Counting.lock:
+            Counting.setups += 1
+        self.seen = 0
+
+    def handle_one_request(self) -> None:
+        line = self.rfile.readline()
+        if not line:
+            self.close_connection = True
+            return
+        self.seen += 1  # state kept on the handler between messages
+        self.wfile.write(b"%d %s" % (self.seen, line))
+
+    def finish(self) -> None:
+        with Counting.lock:
+            Counting.finishes += 1
+        super().finish()
+
+
+@pytest.fixture
+def counting() -> Iterator[type[Counting]]:
+    Counting.setups = Counting.finishes = 0
+    yield Counting
+
+
+# -- parking ----------------------------------------------------------------------------
+
+
+def test_idle_keepalive_connections_hold_no_thread(counting: type[Counting]) -> None:
+    """With 2 threads, 60 clients that each send a line, stay open idle and send another are all answered in both rounds: idle connections wait parked, without a thread."""
+    with ThreadPoolTCPServer((LOCALHOST, 0), counting, max_threads=2) as server, serving(server):
+        clients = [connect(server.server_address, TIMEOUT) for _ in range(60)]
+        try:
+            for i, sock in enumerate(clients):
+                assert exchange(sock, b"a%d\n" % i) == b"1 a%d\n" % i
+            assert wait_until(lambda: server.parked_connections == 60)
+            assert wait_until(lambda: server.pool.busy == 0)
+            for i, sock in enumerate(clients):
+                assert exchange(sock, b"b%d\n" % i) == b"2 b%d\n" % i
+        finally:
+            for sock in clients:
+                sock.close()
+        assert wait_until(lambda: counting.finishes == 60)
+    assert counting.setups == 60, "one handler object per connection, kept between messages"
+
+
+def test_unmodified_http_handler_is_parked_between_requests(tmp_path: Path) -> None:
+    """An unmodified SimpleHTTPRequestHandler (HTTP/1.1, directory= through functools.partial) on 2 threads serves 30 keep-alive clients twice each; between requests they are parked."""
+    import functools
+
+    (tmp_path / "f.txt").write_bytes(b"x" * 1024)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    assert message_loop_of(Handler) is True
+    factory = functools.partial(Handler, directory=str(tmp_path))
+    with ThreadPoolTCPServer((LOCALHOST, 0), factory, max_threads=2) as server, serving(server):
+        clients = [connect(server.server_address, TIMEOUT) for _ in range(30)]
+        try:
+            for _round in range(2):
+                for sock in clients:
+                    sock.sendall(b"GET /f.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+                for sock in clients:
+                    reader = sock.makefile("rb")
+                    assert reader.readline().startswith(b"HTTP/1.1 200")
+                    length = 0
+                    for line in iter(reader.readline, b"\r\n"):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    assert reader.read(length) == b"x" * 1024
+                    reader.detach()
+                assert wait_until(lambda: server.parked_connections == 30)
+        finally:
+            for sock in clients:
+                sock.close()
+
+
+def test_pipelined_messages_in_the_read_buffer_are_served_not_parked(
+    counting: type[Counting],
+) -> None:
+    """Three lines sent in one write land in the handler's rfile buffer after the first read; the connection is not parked while they wait there, so all three are answered."""
+    with ThreadPoolTCPServer((LOCALHOST, 0), counting, max_threads=1) as server, serving(server):
+        with connect(server.server_address, TIMEOUT) as sock, sock.makefile("rb") as reader:
+            sock.sendall(b"x\ny\nz\n")
+            assert [reader.readline() for _ in range(3)] == [b"1 x\n", b"2 y\n", b"3 z\n"]
+
+
+def test_a_handler_that_loops_in_handle_keeps_its_thread() -> None:
+    """A stdlib-style handler that loops in handle() runs exactly as before: whole, on one thread."""
+
+    class Loop(servekit.StreamRequestHandler):
+        def handle(self) -> None:
+            for line in self.rfile:
+                self.wfile.write(line)
+
+    assert message_loop_of(Loop) is None
+    with ThreadPoolTCPServer((LOCALHOST, 0), Loop, max_threads=2) as server, serving(server):
+        with connect(server.server_address, TIMEOUT) as sock:
+            assert exchange(sock, b"one\n") == b"one\n"
+            assert server.pool.busy == 1
+            assert server.parked_connections == 0
+            assert exchange(sock, b"two\n") == b"two\n"
+
+
+def test_parked_connection_is_closed_at_idle_timeout(counting: type[Counting]) -> None:
+    """A parked connection silent for idle_timeout is closed, and its handler's finish() runs once."""
+    with LimitsPool((LOCALHOST, 0), counting, idle_timeout=0.3) as server, serving(server):
+        with connect(server.server_address, TIMEOUT) as sock:
+            assert exchange(sock, b"hi\n") == b"1 hi\n"
+            started = time.monotonic()
+            assert closed_by_peer(sock, TIMEOUT)
+            waited = time.monotonic() - started
+    assert 0.2 < waited < 0.3 + 1.5
+    assert wait_until(lambda: counting.finishes == 1)
+
+
+def test_an_error_in_a_later_message_is_reported_and_closes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler that raises in its second message goes through handle_error once; the connection closes and finish() runs once."""
+    errors: list[object] = []
+    finished: list[int] = []
+
+    class Fails(MessageHandler):
+        def handle_one_request(self) -> None:
+            line = self.rfile.readline()
+            if line == b"boom\n":
+                raise RuntimeError("boom")
+            self.wfile.write(line)
+            self.close_connection = not line
+
+        def finish(self) -> None:
+            finished.append(1)
+            super().finish()
+
+    class Recording(ThreadPoolTCPServer):
+        def handle_error(self, request: object, client_address: object) -> None:
+            errors.append(client_address)
+
+    with Recording((LOCALHOST, 0), Fails, max_threads=1) as server, serving(server):
+        with connect(server.server_address, TIMEOUT) as sock:
+            assert exchange(sock, b"ok\n") == b"ok\n"
+            sock.sendall(b"boom\n")
+            assert closed_by_peer(sock, TIMEOUT)
+        assert wait_until(lambda: finished == [1])
+    assert len(errors) == 1
+
+
+def test_a_client_that_resets_is_not_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Clients that reset mid-conversation cause no handle_error and nothing on stderr; the server keeps serving."""
+    errors: list[object] = []
+
+    class Slow(MessageHandler):
+        def handle_one_request(self) -> None:
+            line = self.rfile.readline()
+            if not line:
+                self.close_connection = True
+                return
+            for _ in range(200):  # a long answer the client will not read
+                self.wfile.write(b"y" * 4096)
+
+    class Recording(ThreadPoolTCPServer):
+        def handle_error(self, request: object, client_address: object) -> None:
+            errors.append(client_address)
+
+    with Recording((LOCALHOST, 0), Slow, max_threads=2) as server, serving(server):
+        for _ in range(20):
+            sock = connect(server.server_address, TIMEOUT)
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            sock.sendall(b"go\n")
+            sock.close()  # SO_LINGER 0: RST
+        assert wait_until(lambda: server.pool.busy == 0)
+        with connect(server.server_address, TIMEOUT) as sock:
+            sock.sendall(b"go\n")
+            assert sock.recv(10)
+    assert errors == []
+    assert capsys.readouterr().err == ""
+
+
+def test_current_connection_describes_the_connection() -> None:
+    """A handler reads its connection record: the peer, the message count, the state."""
+    seen: list[tuple[object, int, str]] = []
+
+    class Describe(MessageHandler):
+        def handle_one_request(self) -> None:
+            line = self.rfile.readline()
+            record = current_connection()
+            assert record is not None
+            seen.append((record.peer, record.messages, record.state.value))
+            self.close_connection = not line
+            self.wfile.write(line)
+
+    with ThreadPoolTCPServer((LOCALHOST, 0), Describe, max_threads=1) as server, serving(server):
+        with connect(server.server_address, TIMEOUT) as sock:
+            assert exchange(sock, b"a\n") == b"a\n"
+            assert exchange(sock, b"b\n") == b"b\n"
+            peer = sock.getsockname()
+    assert seen == [(peer, 1, "handling"), (peer, 2, "handling")]
+
+
+def test_unix_socket_echo_parks_too(tmp_path: Path) -> None:
+    """The built-in echo handler works on a Unix socket (no TCP options there) and parks between lines."""
+    path = str(tmp_path / "echo.sock")
+    with ThreadPoolUnixStreamServer(path, EchoHandler, max_threads=1) as server, serving(server):
+        with connect(path, TIMEOUT) as sock:
+            assert exchange(sock, b"unix\n") == b"unix\n"
+            assert wait_until(lambda: server.parked_connections == 1)
+            assert exchange(sock, b"again\n") == b"again\n"
+
+
+# -- the preamble in the loop ---------------------------------------------------------------
+
+
+class ProxiedTLS(LimitsMixIn, ProxyProtocolMixIn, TLSMixIn, ThreadPoolMixIn, servekit.TCPServer):
+    pass
+
+
+def tls_client(certs: CertSet, address: tuple[str, int], header: bytes = b"") -> ssl.SSLSocket:
+    raw = socket.create_connection(address, TIMEOUT)
+    if header:
+        raw.sendall(header)
+    return certs.client_context().wrap_socket(raw, server_hostname="localhost")
+
+
+def test_four_features_compose_over_real_sockets(tls_certs: CertSet) -> None:
+    """Limits, PROXY, TLS and the pool compose: the real client address arrives through a v2 header, the TLS connection is parked between lines, and the line wait applies after the handshake."""
+    addresses: list[object] = []
+
+    class Echo(EchoHandler):
+        def setup(self) -> None:
+            super().setup()
+            addresses.append(self.client_address)
+
+    with (
+        ProxiedTLS(
+            (LOCALHOST, 0),
+            Echo,
+            certfile=str(tls_certs.server.cert),
+            keyfile=str(tls_certs.server.key),
+            max_threads=2,
+            wait_for_request="line",
+        ) as server,
+        serving(server),
+    ):
+        header = build_v2("PROXY", "TCP4", ("198.51.100.7", 4242), ("203.0.113.1", 443))
+        clients = [tls_client(tls_certs, server.server_address, header) for _ in range(5)]
+        try:
+            for sock in clients:
+                assert exchange(sock, b"tls\n") == b"tls\n"
+            assert wait_until(lambda: server.parked_connections == 5)
+            for sock in clients:
+                assert exchange(sock, b"again\n") == b"again\n"
+        finally:
+            for sock in clients:
+                sock.close()
+    assert addresses == [("198.51.100.7", 4242)] * 5
+
+
+def test_clients_stalled_mid_client_hello_hold_no_thread(tls_certs: CertSet) -> None:
+    """40 clients that send half a TLS record header and stall, on a pool of 2, do not delay a real TLS client, and are cut at the handshake timeout."""
+
+    class TLSPool(TLSMixIn, ThreadPoolMixIn, servekit.TCPServer):
+        pass
+
+    with (
+        TLSPool(
+            (LOCALHOST, 0),
+            EchoHandler,
+            certfile=str(tls_certs.server.cert),
+            keyfile=str(tls_certs.server.key),
+            max_threads=2,
+            handshake_timeout=2.0,
+        ) as server,
+        serving(server),
+    ):
+        stalled = [connect(server.server_address, TIMEOUT) for _ in range(40)]
+        try:
+            for sock in stalled:
+                sock.sendall(b"\x16\x03")
+            started = time.monotonic()
+            with tls_client(tls_certs, server.server_address) as good:
+                assert exchange(good, b"real\n") == b"real\n"
+            assert time.monotonic() - started < 1.0
+            assert all(closed_by_peer(sock, TIMEOUT) for sock in stalled)
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
+# -- the order of mix-ins ---------------------------------------------------------------------
+
+
+def test_mixins_in_the_wrong_order_are_refused_when_the_class_is_defined() -> None:
+    """A class that puts TLSMixIn before ProxyProtocolMixIn is a TypeError naming the order that works."""
+    with pytest.raises(TypeError, match="ProxyProtocolMixIn, TLSMixIn, ThreadPoolMixIn"):
+
+        class Wrong(TLSMixIn, ProxyProtocolMixIn, ThreadPoolMixIn, servekit.TCPServer):
+            pass
+
+
+def test_a_mixin_after_the_server_class_is_refused() -> None:
+    """A mix-in listed after the server class (whose hooks would never run) is a TypeError."""
+    with pytest.raises(TypeError, match="put every mix-in before the server class"):
+
+        class Late(servekit.TCPServer, ThreadPoolMixIn):
+            pass
+
+
+def test_two_concurrency_mixins_are_refused() -> None:
+    """ThreadPoolMixIn with ThreadingMixIn is a TypeError: one concurrency model per server."""
+    with pytest.raises(TypeError, match="both concurrency mix-ins"):
+
+        class Both(ThreadPoolMixIn, servekit.ThreadingMixIn, servekit.TCPServer):
+            pass
+
+
+# -- shutdown -------------------------------------------------------------------------------
+
+
+def test_server_close_closes_parked_connections_at_once(counting: type[Counting]) -> None:
+    """server_close() with 20 parked keep-alive clients returns at once and closes them all."""
+    server = ThreadPoolTCPServer((LOCALHOST, 0), counting, max_threads=2)
+    with serving(server):
+        clients = [connect(server.server_address, TIMEOUT) for _ in range(20)]
+        for sock in clients:
+            assert exchange(sock, b"x\n") == b"1 x\n"
+        assert wait_until(lambda: server.parked_connections == 20)
+        server.shutdown()
+        started = time.monotonic()
+    assert time.monotonic() - started < 1.0
+    assert all(closed_by_peer(sock, TIMEOUT) for sock in clients)
+    assert counting.finishes == 20
+    for sock in clients:
+        sock.close()
+
+
+def test_shutdown_serves_connections_the_kernel_had_queued() -> None:
+    """Connections queued in the backlog when the loop stops are accepted and served by server_close(), not reset."""
+    server = ThreadPoolTCPServer((LOCALHOST, 0), EchoHandler, max_threads=4)
+    with serving(server):
+        server.shutdown()  # the loop stops; the listener still queues connections
+        queued = [connect(server.server_address, TIMEOUT) for _ in range(10)]
+        for i, sock in enumerate(queued):
+            sock.sendall(b"q%d\n" % i)
+    # serving() closed the server: each queued connection got its answer, then EOF.
+    for i, sock in enumerate(queued):
+        with sock, sock.makefile("rb") as reader:
+            assert reader.readline() == b"q%d\n" % i
+            assert reader.readline() == b""
+
+
+def test_drain_waits_once_for_hung_handlers(caplog: pytest.LogCaptureFixture) -> None:
+    """A handler that hangs past drain_timeout delays server_close() by drain_timeout once, with a warning; daemon pool threads do not hold the process."""
+    release = threading.Event()
+
+    class Hang(MessageHandler):
+        def handle_one_request(self) -> None:
+            self.rfile.readline()
+            self.wfile.write(b"started\n")
+            release.wait(30)
+            self.close_connection = True
+
+    server = ThreadPoolTCPServer((LOCALHOST, 0), Hang, max_threads=2, drain_timeout=0.5)
+    try:
+        with caplog.at_level(logging.WARNING, logger="servekit.pool"), serving(server):
+            with connect(server.server_address, TIMEOUT) as sock:
+                assert exchange(sock, b"go\n") == b"started\n"
+                server.shutdown()
+                started = time.monotonic()
+                server.server_close()
+                took = time.monotonic() - started
+                server.server_close()  # a second call does nothing more
+                assert time.monotonic() - started - took < 0.1
+    finally:
+        release.set()
+    assert 0.4 < took < 1.5
+    assert "still running after drain_timeout=0.5s" in caplog.text
+
+
+def test_threading_http_server_closes_at_once_with_an_idle_keepalive_client() -> None:
+    """With servekit's core, ThreadingHTTPServer (daemon_threads) closes at once while a keep-alive client idles, as the stdlib does: daemon threads are not joined."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    class Server(servekit.ThreadingTCPServer):
+        daemon_threads = True
+
+    server = Server((LOCALHOST, 0), Handler)
+    with serving(server), connect(server.server_address, TIMEOUT) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = b""
+        while not response.endswith(b"\r\n\r\nok"):  # bounded by the socket timeout
+            response += sock.recv(4096)
+        assert response.startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        server.shutdown()
+        server.server_close()
+        assert time.monotonic() - started < 1.0
+
+
+def test_message_loop_of_recognises_only_unmodified_loops() -> None:
+    """A handler is run message by message only if its handle() is MessageHandler's or BaseHTTPRequestHandler's own."""
+
+    class Wrapped(http.server.BaseHTTPRequestHandler):
+        def handle(self) -> None:
+            super().handle()
+
+    assert message_loop_of(MessageHandler) is False
+    assert message_loop_of(http.server.SimpleHTTPRequestHandler) is True
+    assert message_loop_of(Wrapped) is None
+    assert message_loop_of(servekit.StreamRequestHandler) is None
+    assert message_loop_of(io.BytesIO) is None
