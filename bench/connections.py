@@ -44,6 +44,7 @@ from harness import (
     base_parser,
     base_places,
     chosen,
+    client_notes,
     command_line,
     exit_status,
     fmt_kib,
@@ -61,6 +62,7 @@ from harness import (
     run_case,
     script,
     servekit_cli,
+    source_tree,
     tls_client_context,
     write_report,
 )
@@ -211,14 +213,6 @@ def vs(base: str, value: Callable[[dict[str, Any]], float | None]) -> Callable[.
     return lambda r, runs: fmt_x(value(r), value(runs.get(base, {})))
 
 
-def failure_notes(name: str, record: dict[str, Any]) -> list[str]:
-    failures = record.get("clients", {}).get("failures", {})
-    if not failures:
-        return []
-    text = ", ".join(f"{why} ×{n}" for why, n in sorted(failures.items()))  # noqa: RUF001
-    return [f"`{name}`: connections ended early: {text}."]
-
-
 def loadgen_notes(name: str, record: dict[str, Any]) -> list[str]:
     if record.get("cpu", {}).get("loadgen", 0) >= run.LOADGEN_SATURATED:
         return [
@@ -255,7 +249,7 @@ IDLE_COLUMNS: tuple[tuple[str, Any], ...] = (
     ("RSS holding", lambda r, _: fmt_bytes(r["rss_held"])),
     ("RSS per held connection", lambda r, _: fmt_kib(rss_per_conn(r))),
     ("vs stdlib", vs(STDLIB, rss_per_conn)),
-    ("threads holding", lambda r, _: str(r["threads_held"])),
+    ("threads holding", lambda r, _: fmt_int(r["threads_held"])),
 )
 
 PINGPONG_COLUMNS: tuple[tuple[str, Any], ...] = (
@@ -303,7 +297,7 @@ def scenarios(s: Settings) -> list[Scenario]:
             "before the first client, divided by the number of clients.",
             (STDLIB, "asyncio", "servekit_echo_1x8"),
             IDLE_COLUMNS,
-            failure_notes,
+            client_notes,
         ),
         Scenario(
             "idle-http",
@@ -324,9 +318,9 @@ def scenarios(s: Settings) -> list[Scenario]:
                 ("slowest answer, round 1", slowest(1)),
                 ("slowest answer, round 2", slowest(2)),
                 ("RSS holding", lambda r, _: fmt_bytes(r["rss_held"])),
-                ("threads holding", lambda r, _: str(r["threads_held"])),
+                ("threads holding", lambda r, _: fmt_int(r["threads_held"])),
             ),
-            failure_notes,
+            client_notes,
         ),
         Scenario(
             "stalled-proxy",
@@ -572,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         places.update(cert=str(pair[0]), key=str(pair[1]))
     if any(sc.name in ("pingpong-128", "churn") for sc in selected):
         run.build()
-    ctx = Context("connections", pin, settings.quiet_wait, args.src.resolve(), places)
+    ctx = Context("connections", pin, settings.quiet_wait, source_tree(parser, args.src), places)
     command = command_line("connections.py", argv)
     results = results_skeleton(command, args.quick, pin, asdict(settings), ["uvloop"])
     started = time.monotonic()

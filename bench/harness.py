@@ -630,7 +630,9 @@ class TwoRounds:
             self.end(conn, "reset" if isinstance(exc, ConnectionResetError) else str(exc))
             return True
         if not data:
-            self.end(conn, "closed by the server")
+            # After its last answer, a close is the server's keep-alive policy (HTTP/1.0,
+            # gunicorn's sync worker); before it, a request went unanswered.
+            self.end(conn, "closed by the server" + ("" if conn.pending else " after answering"))
             return True
         conn.buf += data
         answered = False
@@ -661,6 +663,15 @@ class TwoRounds:
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(conn.sock)
         conn.sock.close()
+
+
+def client_notes(name: str, record: dict[str, Any]) -> list[str]:
+    """Report notes for a TwoRounds case: how connections ended before the last round."""
+    failures = record.get("clients", {}).get("failures", {})
+    if not failures:
+        return []
+    text = ", ".join(f"{why} ×{n}" for why, n in sorted(failures.items()))  # noqa: RUF001
+    return [f"`{name}`: connections closed before the end: {text}."]
 
 
 def stats_ms(seconds: list[float]) -> dict[str, float | None]:
@@ -699,30 +710,14 @@ def make_tls_cert() -> tuple[Path, Path] | None:
         return None
     TLS_DIR.mkdir(parents=True, exist_ok=True)
     cert, key = TLS_DIR / "cert.pem", TLS_DIR / "key.pem"
-    done = subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        capture_output=True,
-        timeout=30,
-    )
+    argv = [
+        openssl,
+        *("req", "-x509", "-nodes", "-days", "2", "-newkey", "ec"),
+        *("-pkeyopt", "ec_paramgen_curve:prime256v1"),
+        *("-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+        *("-keyout", str(key), "-out", str(cert)),
+    ]
+    done = subprocess.run(argv, capture_output=True, timeout=30)
     return (cert, key) if done.returncode == 0 else None
 
 
@@ -772,6 +767,14 @@ def chosen(
     if unknown:
         parser.error(f"unknown {what} {', '.join(unknown)}; known: {', '.join(known)}")
     return [n for n in known if n in wanted]
+
+
+def source_tree(parser: argparse.ArgumentParser, src: Path) -> Path:
+    """--src, checked: without a servekit package there, the installed one would be
+    measured without a word."""
+    if not (src / "servekit" / "__init__.py").is_file():
+        parser.error(f"--src {src}: no servekit package there (expected {src}/servekit/)")
+    return src.resolve()
 
 
 def pinning(server_cpu: int, load_cpu: int) -> Pinning:

@@ -50,6 +50,7 @@ from harness import (
     base_parser,
     base_places,
     chosen,
+    client_notes,
     command_line,
     exit_status,
     fmt_ms,
@@ -64,6 +65,7 @@ from harness import (
     run_case,
     script,
     servekit_cli,
+    source_tree,
     tool_version,
     write_report,
 )
@@ -245,14 +247,6 @@ def answered(round_no: int) -> Callable[..., str]:
     return lambda r, _: f"{r['clients']['ok'][round_no - 1]:,} / {r['clients']['conns']:,}"
 
 
-def idle_notes(name: str, record: dict[str, Any]) -> list[str]:
-    failures = record.get("clients", {}).get("failures", {})
-    if not failures:
-        return []
-    text = ", ".join(f"{why} ×{n}" for why, n in sorted(failures.items()))  # noqa: RUF001
-    return [f"`{name}`: connections ended early: {text}."]
-
-
 def reset_notes(name: str, record: dict[str, Any]) -> list[str]:
     notes = []
     if record.get("sample"):
@@ -310,7 +304,7 @@ def scenarios(s: Settings) -> list[Scenario]:
                     lambda r, _: fmt_ms(r["clients"]["latency_ms"][1]["max"]),
                 ),
             ),
-            idle_notes,
+            client_notes,
         ),
         Scenario(
             "resets",
@@ -558,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     places = base_places()
     places["gunicorn_extra"] = gunicorn_extra()
     selected = [sc for sc in scenarios(settings) if sc.name in wanted]
-    ctx = Context("http", pin, settings.quiet_wait, args.src.resolve(), places)
+    ctx = Context("http", pin, settings.quiet_wait, source_tree(parser, args.src), places)
     command = command_line("httpbench.py", argv)
     results = results_skeleton(command, args.quick, pin, asdict(settings), ["gunicorn", "waitress"])
     results["machine"]["versions"]["wrk"] = (
