@@ -412,6 +412,94 @@ def test_write_callable_and_date_server_headers() -> None:
         client.close()
 
 
+def test_application_connection_close_is_honoured() -> None:
+    """ "Connection: close" from the application closes the connection after its answer; other hop-by-hop headers are the server's: the application's start_response() raises and it gets a 500."""
+
+    def closing(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        start_response("200 OK", [("Connection", "close")])
+        return [b"bye"]
+
+    def framing(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        start_response("200 OK", [("Transfer-Encoding", "chunked")])
+        return [b"0\r\n\r\n"]
+
+    with wsgi_server(closing) as server:
+        client = Client(server.server_address)
+        client.send(get())
+        response = client.response()
+        assert (response.body, response.header("connection")) == (b"bye", "close")
+        assert client.closed_by_server()
+        client.close()
+    with watching_log("servekit.wsgi", logging.ERROR) as log, wsgi_server(framing) as server:
+        client = Client(server.server_address)
+        client.send(get())
+        assert client.response().status == 500
+        client.close()
+    assert "raised" in log.messages()[0]
+
+
+def test_application_content_length_mismatch(wsgi_log: LogWatcher) -> None:
+    """A body longer than the application's Content-Length is cut to it; a shorter one closes the connection; both are logged as the application's error."""
+
+    def longer(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        start_response("200 OK", [("Content-Length", "3")])
+        return [b"abcdef"]
+
+    def shorter(environ: Environ, start_response: StartResponse) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Length", "10")])
+        yield b"abc"
+
+    with wsgi_server(longer) as server:
+        client = Client(server.server_address)
+        client.send(get() + get())
+        assert client.response().body == b"abc"
+        assert client.closed_by_server()
+        client.close()
+    with wsgi_server(shorter) as server:
+        client = Client(server.server_address)
+        client.send(get())
+        assert client.head_block()[0] == 200
+        assert client.file.read() == b"abc"  # then EOF: the server closed
+        client.close()
+    messages = loud(wsgi_log)
+    assert len(messages) == 2
+    assert "more than its Content-Length of 3" in messages[0]
+    assert "sent 3 of its Content-Length of 10" in messages[1]
+
+
+def test_a_stopping_server_says_connection_close() -> None:
+    """While the server stops, an answer carries Connection: close and the connection closes after it."""
+    stopping = threading.Event()
+
+    class Server(servekit.ThreadingTCPServer):
+        @property
+        def state(self) -> servekit.ServerState:  # type: ignore[override]
+            return servekit.ServerState.STOPPING if stopping.is_set() else super().state
+
+    with wsgi_server(hello_app, server_class=Server) as server:
+        client = Client(server.server_address)
+        client.send(get())
+        assert client.response().header("connection") is None
+        stopping.set()
+        client.send(get())
+        response = client.response()
+        assert (response.body, response.header("connection")) == (HELLO_BODY, "close")
+        assert client.closed_by_server()
+        client.close()
+
+
+def test_idle_connection_times_out_quietly(wsgi_log: LogWatcher) -> None:
+    """On a server that loops in handle(), a keep-alive connection idle for the handler's timeout is closed, logged at DEBUG only."""
+    with wsgi_server(hello_app, server_class=servekit.ThreadingTCPServer, timeout=0.2) as server:
+        client = Client(server.server_address)
+        client.send(get())
+        assert client.response().status == 200
+        assert client.closed_by_server()
+        client.close()
+        wsgi_log.wait_for("idle for")
+    assert loud(wsgi_log) == []
+
+
 # --- 100-continue and unread bodies ---------------------------------------------------------
 
 
@@ -773,6 +861,27 @@ def test_environ() -> None:
         "SERVER_SOFTWARE": f"servekit/{servekit.__version__}",
         "body": "abc",
     }
+
+
+def test_remote_addr_is_the_client_behind_a_proxy_header() -> None:
+    """Behind the PROXY protocol, REMOTE_ADDR and REMOTE_PORT are the real client's, from the header."""
+    from servekit.features.proxy import ProxyProtocolMixIn
+    from servekit.protocols.proxy_header import build_v1
+
+    class ProxiedServer(ProxyProtocolMixIn, ThreadPoolTCPServer):
+        pass
+
+    app = echo_environ(["REMOTE_ADDR", "REMOTE_PORT"])
+    with (
+        ProxiedServer((LOCALHOST, 0), handler_for(app), proxy_protocol="v1") as server,
+        serving(server),
+    ):
+        client = Client(server.server_address)
+        client.send(build_v1("TCP4", ("203.0.113.7", 51000), ("192.0.2.1", 443)) + get() + get())
+        for _ in range(2):
+            answer = json.loads(client.response().body)
+            assert answer == {"REMOTE_ADDR": "203.0.113.7", "REMOTE_PORT": "51000", "body": ""}
+        client.close()
 
 
 def test_absolute_form_target_sets_host() -> None:

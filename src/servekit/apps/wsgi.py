@@ -47,6 +47,7 @@ from urllib.parse import unquote
 from servekit.core.server import ServerState
 from servekit.errors import ServekitError
 from servekit.features.addresses import format_peer
+from servekit.features.connection import current_connection
 from servekit.features.messages import MessageHandler
 from servekit.protocols import http1
 from servekit.protocols.http1 import (
@@ -688,12 +689,17 @@ class WSGIRequestHandler(MessageHandler):
         return True
 
     def _may_keep(self) -> bool:
-        """Whether the connection can outlive the request as far as its body goes, judged
-        when the response head is written, so that "Connection: close" is said up front:
+        """Whether the connection can outlive the request, judged when the response head is
+        written, so that "Connection: close" is said up front: not while the server stops,
         not if the client may be waiting for a 100 Continue it will never get, nor if
         more is left of the body than max_drain_size. A chunked body's end is unknown
         until read: it is drained after the response if it ends soon enough, else the
         connection closes unannounced (RFC 9112 9.6 allows closing at any time)."""
+        if getattr(self.server, "state", None) is ServerState.STOPPING:
+            return False  # draining: say so in this answer rather than close unannounced
+        connection = current_connection()
+        if connection is not None and connection.closing:
+            return False  # the pipeline serves this one last message (shutdown)
         parser = self._parser
         if parser.complete:
             return True
@@ -860,7 +866,8 @@ class WSGIRequestHandler(MessageHandler):
         except ClientDisconnected as exc:
             log.debug("%s: the client went away before the %d answer: %s", self._peer, status, exc)
             return
-        self._linger()
+        if not self._parser.complete:
+            self._linger()  # the client may still be sending the rest of its request
 
     def _linger(self) -> None:
         """Half-close, then read and discard what the client still sends until it closes

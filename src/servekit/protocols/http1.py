@@ -318,6 +318,8 @@ class RequestParser:
         end = len(data)
         pos = 0
         try:
+            if self._state is _State.REQUEST_LINE and not self._line_buffer:
+                pos = self._whole_head(data)
             while pos < end and not self.complete:
                 pos = self._step(data, pos)
         except HTTPRequestError as error:
@@ -416,6 +418,41 @@ class RequestParser:
                 self._chunk_line(line)
             return pos
         raise AssertionError(f"receive_data() in state {state}")  # pragma: no cover
+
+    def _whole_head(self, data: bytes) -> int:
+        """The common case in one pass: a whole, valid head at the start of data, with no
+        empty lines before it. Returns the position after it, or 0 (nothing taken, state
+        untouched) if anything is unusual, and the line-by-line path then decides: it
+        alone raises errors, so both paths cannot disagree."""
+        if not data or data[0] not in _TCHARS:
+            return 0
+        end = data.find(b"\r\n\r\n", 0, self.max_head_size)
+        if end < 0 or end + 4 > self.max_head_size:
+            return 0
+        lines = data[:end].split(b"\r\n")
+        request_line = lines[0]
+        if len(request_line) > self.max_request_line:
+            return 0
+        for line in lines:
+            if b"\r" in line or b"\n" in line:
+                return 0
+        try:
+            self._request_line(request_line)
+            for line in lines[1:]:
+                self._field(line, trailers=False)
+            self._head_used = end + 4
+            self._started = True
+            self._finish_head()
+        except HTTPRequestError:
+            self._fields = []
+            self._noted = {}
+            self._events.clear()
+            self._request = None
+            self._state = _State.REQUEST_LINE
+            self._head_used = 0
+            self._started = False
+            return 0
+        return end + 4
 
     def _line(
         self, data: bytes, pos: int, limit: int, *, status: int, what: str, shown: int | None = None
