@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import Any, Final, TypeAlias, cast
 from urllib.parse import unquote
 
+from servekit import __version__
 from servekit.core.server import ServerState
 from servekit.errors import ServekitError
 from servekit.features.addresses import format_peer
@@ -76,13 +77,7 @@ StartResponse: TypeAlias = Callable[..., Write]
 WSGIApplication: TypeAlias = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
-def _version() -> str:
-    from servekit import __version__
-
-    return __version__
-
-
-SERVER_SOFTWARE: Final = f"servekit/{_version()}"
+SERVER_SOFTWARE: Final = f"servekit/{__version__}"
 
 # Headers that belong to one connection (RFC 9110 7.6.1, RFC 9112 6.1): the server's
 # business, which PEP 3333 forbids applications to set. "Connection: close" from an
