@@ -34,8 +34,18 @@ class InstallError(ServekitError, RuntimeError):
 
 
 def _stdlib_dependents(stdlib: types.ModuleType) -> list[str]:
-    """Modules whose globals reference the stdlib socketserver or a class of it."""
-    classes = {id(v) for v in vars(stdlib).values() if isinstance(v, type)}
+    """Modules whose globals reference the stdlib socketserver or a class defined in it.
+
+    Only classes socketserver defines count: its namespace also holds classes it
+    imported (io.BufferedIOBase, selectors.PollSelector as _ServerSelector), and
+    io and selectors hold those by identity without having anything to do with
+    socketserver.
+    """
+    classes = {
+        id(v)
+        for v in vars(stdlib).values()
+        if isinstance(v, type) and v.__module__ == stdlib.__name__
+    }
     users = []
     for name, module in list(sys.modules.items()):
         if module is None or module is stdlib or name == "socketserver":

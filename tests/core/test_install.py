@@ -168,3 +168,48 @@ def test_install_is_idempotent_and_plain_import_unaffected() -> None:
         env={**os.environ, "PYTHONPATH": SRC},
     )
     assert proc.stdout.strip() == "True", proc.stderr
+
+
+def test_install_blames_only_modules_that_hold_socketserver() -> None:
+    """install() after `import logging.config` names logging.config alone, not io or selectors, whose classes socketserver merely imported."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import logging.config, servekit\n"
+            "try:\n"
+            "    servekit.install()\n"
+            "except servekit.InstallError as e:\n"
+            "    print(str(e).rsplit(': ', 1)[1])\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split(", ") == ["logging.config\n"]
+
+
+def test_install_still_names_a_module_holding_a_stdlib_class() -> None:
+    """A module that imported one class from the stdlib socketserver is named, since it would keep running on the stdlib."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, types\n"
+            "mod = types.ModuleType('holder'); sys.modules['holder'] = mod\n"
+            "exec('from socketserver import ThreadingTCPServer', mod.__dict__)\n"
+            "import servekit\n"
+            "try:\n"
+            "    servekit.install()\n"
+            "except servekit.InstallError as e:\n"
+            "    print(str(e).rsplit(': ', 1)[1])\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "holder"

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.integration.procs import ServerProcess
+from tests.integration.procs import ROOT, ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -287,3 +291,55 @@ def test_python_api_shutdown_from_another_thread() -> None:
         server.wait_for("servekit: api stopped")
         assert server.wait() == 0
         server.assert_no_leftovers()
+
+
+def _gone(pid: int) -> bool:
+    """The process no longer runs: it does not exist, or is a zombie (holding no socket)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def test_sigkill_of_the_supervisor_takes_the_workers_with_it() -> None:
+    """SIGKILL of the supervisor: no worker is left within 2 s, and a restart on the same port listens at once."""
+    with ServerProcess.cli("echo", "--workers", "2", "--bind", "127.0.0.1:0") as server:
+        port = server.wait_ready()
+        workers = server.workers()
+        assert len(workers) == 2
+        assert server.request(b"before\n") == b"before\n"
+        server.send(signal.SIGKILL)
+        assert server.wait() == -signal.SIGKILL
+        deadline = time.monotonic() + 2.0
+        while not all(map(_gone, workers)) and time.monotonic() < deadline:
+            threading.Event().wait(0.02)
+        assert [pid for pid in workers if not _gone(pid)] == []
+    with ServerProcess.cli("echo", "--workers", "2", "--bind", f"127.0.0.1:{port}") as again:
+        assert again.wait_ready(timeout=10) == port
+        assert again.count("cannot listen") == 0
+        assert again.request(b"after\n") == b"after\n"
+        again.send(signal.SIGTERM)
+        assert again.wait() == 0
+        again.assert_no_leftovers()
+
+
+def test_a_worker_whose_supervisor_died_before_prctl_exits() -> None:
+    """The race: a worker that finds its parent is no longer the supervisor it was forked from exits at once."""
+    code = (
+        "import os\n"
+        "from servekit.process.supervisor import die_with_parent\n"
+        "die_with_parent(os.getppid(), None)\n"  # the parent it has: goes on
+        "print('still here', flush=True)\n"
+        "die_with_parent(os.getppid() + 1_000_000, None)\n"  # not its parent: gone
+        "print('not reached', flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert proc.stdout == "still here\n", proc.stderr
+    assert proc.returncode != 0

@@ -2,16 +2,23 @@
 # WSGI app. The only module that reads argv and the environment, prints for humans, and
 # turns exceptions into exit codes; everything else takes keyword arguments.
 #
-# Settings come from, in increasing precedence: knob defaults, a TOML config file
-# (--config, one table per section), SERVEKIT_<NAME> environment variables, flags.
-# The flags, keys and variables are generated from the knob declarations
-# (servekit.knobs), so a new knob needs no change here.
+#   servekit echo  [settings]               the built-in line echo server
+#   servekit serve [MODULE:CLASS] [settings] a request handler class
+#   servekit wsgi  [MODULE:APP] [settings]   a WSGI application (default: a hello app)
+#   servekit config --print [settings]      the effective settings and their origins
+#
+# Settings come from, in increasing precedence: defaults, a TOML config file (--config,
+# one table per section), SERVEKIT_<FLAG NAME> environment variables, flags. Flags,
+# keys, variables and their checks are generated from the knob declarations
+# (servekit.config.schema), so a new knob needs no change here. Bad input of any kind
+# is one line on stderr and exit status 2, before anything binds.
 #
 # The server class is composed from what the settings ask for (servekit.config.compose):
 # pre-fork when --workers > 1, TLS when a certificate is given, the PROXY protocol when
-# asked, several listeners when --bind is repeated; always a bounded thread pool and the
-# limits layer. systemd readiness, stopping and watchdog pings are sent when systemd
-# set NOTIFY_SOCKET / WATCHDOG_USEC.
+# asked, always a bounded thread pool, the listeners layer, and the limits layer for
+# stream sockets. systemd readiness, stopping and watchdog pings are sent when systemd
+# set NOTIFY_SOCKET / WATCHDOG_USEC. Order of start-up: check everything, bind, switch
+# user (--user/--group), write the pid file, serve.
 from __future__ import annotations
 
 import argparse
@@ -21,15 +28,19 @@ import os
 import signal
 import sys
 import time
-import tomllib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import servekit
 from servekit.apps.echo import DatagramEchoHandler, EchoHandler
-from servekit.config.compose import Features, feature_classes, server_class
+from servekit.cli.pidfile import PidFile, PidFileError
+from servekit.cli.privileges import PrivilegeError, drop_privileges, plan_credentials
+from servekit.cli.targets import TargetError, load_app, load_handler
+from servekit.config.compose import Features, server_class
+from servekit.config.schema import Setting, command_settings
+from servekit.config.sources import Origin, Resolved, render, resolve, toml_value
 from servekit.features.addresses import Address, AddressError, parse_addresses
-from servekit.knobs import Knob, SettingError, knobs_of
+from servekit.knobs import SettingError, knobs_of
 
 __all__ = ["main"]
 
@@ -39,25 +50,22 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-DEFAULT_BIND = "127.0.0.1:8000"
-
 
 class UsageError(Exception):
     """Bad command-line input: reported in one line, exit status 2."""
 
 
-def cli_knobs() -> dict[str, Knob[Any]]:
-    """Every knob the command line exposes, by name, from every feature it composes."""
-    knobs: dict[str, Knob[Any]] = {}
-    for cls in feature_classes():
-        for name, knob in knobs_of(cls).items():
-            if knob.cli_flag is not None:
-                knobs[name] = knob
-    return knobs
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the command's one-line form."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the whole usage before the error; for a typo in one flag that
+        # buries the one line that matters.
+        self.exit(EXIT_USAGE, f"servekit: error: {message} (see: {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="servekit",
         description="Run a socketserver-style handler on a production server.",
     )
@@ -65,158 +73,113 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     echo = commands.add_parser("echo", help="a line echo server on the built-in handler")
-    _add_common(echo)
-    echo.set_defaults(target=None)
+    _add_settings(echo, command_settings("echo"))
 
     serve = commands.add_parser("serve", help="serve a handler class: servekit serve module:Class")
-    serve.add_argument("target", help="the handler class, as module:Class (or module.Class)")
-    _add_common(serve)
+    serve.add_argument(
+        "target",
+        nargs="?",
+        metavar="MODULE:CLASS",
+        help="the request handler class (a BaseRequestHandler subclass of servekit or "
+        "socketserver); may instead be `target` in the [server] table of --config",
+    )
+    _add_settings(serve, command_settings("serve"))
+
+    wsgi = commands.add_parser("wsgi", help="serve a WSGI application: servekit wsgi module:app")
+    wsgi.add_argument(
+        "target",
+        nargs="?",
+        metavar="MODULE:APP",
+        help="the WSGI application (default: a built-in hello app); may instead be "
+        "`target` in the [server] table of --config",
+    )
+    _add_settings(wsgi, command_settings("wsgi"))
+
+    config = commands.add_parser(
+        "config", help="check the settings, or print them with where each came from"
+    )
+    config.add_argument(
+        "--print",
+        dest="print_settings",
+        action="store_true",
+        help="print the effective settings as TOML, each with its origin "
+        "(default, file, environment or flag)",
+    )
+    _add_settings(config, command_settings("serve"))
     return parser
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--bind",
-        "-b",
-        metavar="ADDRESS",
-        action="append",
-        help=f"address to listen on, repeatable (default {DEFAULT_BIND}): HOST:PORT, "
-        "[::]:PORT, tcp://..., udp://HOST:PORT, unix:/path, unix:@name, fd://3, fd://NAME",
-    )
+def _add_settings(parser: argparse.ArgumentParser, settings: dict[str, Setting]) -> None:
     parser.add_argument("--config", "-c", metavar="FILE", help="a TOML file of settings")
-    parser.add_argument(
-        "--log-level",
-        default=None,
-        choices=["debug", "info", "warning", "error"],
-        help="log verbosity on stderr (default info)",
-    )
-    sections: dict[str, argparse._ArgumentGroup] = {}
-    for knob in cli_knobs().values():
-        group = sections.get(knob.section)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for setting in settings.values():
+        group = groups.get(setting.section)
         if group is None:
-            group = sections[knob.section] = parser.add_argument_group(f"{knob.section} settings")
-        flag = knob.cli_flag
-        assert flag is not None
-        if isinstance(knob.default, bool):
+            group = groups[setting.section] = parser.add_argument_group(
+                f"{setting.section} settings"
+            )
+        text = setting.help
+        if "(default" not in text:  # some say it in their own words
+            text += f" (default: {setting.show(setting.default)})"
+        text = text.replace("%", "%%")  # argparse %-formats help texts
+        if setting.knob.value_type.kind == "bool":
             group.add_argument(
-                flag,
-                dest=knob.name,
+                setting.flag,
+                dest=setting.name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f"{knob.help} (default {knob.default})",
+                help=text,
+            )
+        elif setting.name == "bind":
+            group.add_argument(
+                setting.flag,
+                "-b",
+                dest="bind",
+                action="append",
+                metavar=setting.metavar,
+                help=text,
             )
         else:
             group.add_argument(
-                flag,
-                dest=knob.name,
-                metavar=knob.type_name.upper(),
-                default=None,
-                help=f"{knob.help} (default {knob.default})",
+                setting.flag, dest=setting.name, metavar=setting.metavar, default=None, help=text
             )
 
 
-def resolve_settings(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, Any]:
-    """Merge config file, environment and flags into keyword arguments for the server."""
-    knobs = cli_knobs()
-    values: dict[str, Any] = {}
-    if args.config:
-        try:
-            with open(args.config, "rb") as fh:
-                document = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise UsageError(f"cannot read config file {args.config}: {exc}") from None
-        for section, table in document.items():
-            if not isinstance(table, dict):
-                raise UsageError(f"{args.config}: [{section}] must be a table")
-            if section == "server":
-                for key, value in table.items():
-                    if key not in ("bind", "target", "log_level"):
-                        raise UsageError(f"{args.config}: unknown setting server.{key}")
-                    if key == "bind" and args.bind is None:
-                        args.bind = [value] if isinstance(value, str) else list(value)
-                    elif key != "bind" and getattr(args, key, None) is None:
-                        setattr(args, key, value)
-                continue
-            for key, value in table.items():
-                knob = knobs.get(key)
-                if knob is None or knob.section != section:
-                    raise UsageError(f"{args.config}: unknown setting {section}.{key}")
-                values[key] = knob.validate(value)
-    for name, knob in knobs.items():
-        if knob.env_var in environ:
-            values[name] = knob.from_string(environ[knob.env_var])
-    for name, knob in knobs.items():
-        given = getattr(args, name, None)
-        if given is not None:
-            values[name] = (
-                knob.validate(given) if isinstance(given, bool) else knob.from_string(given)
-            )
-    return values
+def _where(resolved: Resolved, name: str) -> str:
+    """Where a setting's value came from, as the start of an error line."""
+    setting = resolved.settings[name]
+    origin = resolved.origins[name]
+    if origin.kind == "file":
+        return f"{origin.where}: {setting.key}"
+    if origin.kind == "environment":
+        return f"environment: {origin.where}"
+    return f"command line: {setting.flag}"
 
 
-def load_handler(target: str) -> type:
-    """Import module:Class (or module.Class) and return the class."""
-    module_name, sep, attr = target.partition(":")
-    if not sep:
-        module_name, _, attr = target.rpartition(".")
-    if not module_name or not attr:
-        raise UsageError(f"handler {target!r} must be written module:Class")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` would, so local modules import
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise UsageError(f"{module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(obj, type):
-        raise UsageError(f"{target!r} is not a class")
-    return obj
-
-
-def reload_handler(target: str) -> type:
-    """Re-import the handler's module (for SIGHUP) and return the class again."""
-    module_name = target.partition(":")[0] if ":" in target else target.rpartition(".")[0]
-    module = sys.modules.get(module_name)
-    if module is not None:
-        importlib.reload(module)
-    return load_handler(target)
-
-
-def _features(values: dict[str, Any], addresses: list[Address]) -> Features:
+def _compose(resolved: Resolved, addresses: list[Address]) -> tuple[type, dict[str, Any], Features]:
+    """The server class and its keyword arguments; UsageError for settings that conflict."""
     from servekit.features.limits import LimitsMixIn
     from servekit.features.proxy import ProxyProtocolMixIn
     from servekit.features.tls import TLSMixIn
     from servekit.process.prefork import PreforkMixIn
 
-    tls_names = set(knobs_of(TLSMixIn))
+    values, explicit = resolved.values, resolved.explicit()
     tls = values.get("certfile") is not None
-    if not tls and tls_names & set(values):
-        raise UsageError("TLS settings were given without --certfile")
-    proxy_names = set(knobs_of(ProxyProtocolMixIn))
-    proxy = "proxy_protocol" in values  # giving a version is what turns it on
-    if not proxy and (proxy_names - {"proxy_protocol"}) & set(values):
-        raise UsageError("PROXY protocol settings were given without --proxy-protocol")
+    proxy = values.get("proxy_protocol", "off") != "off"
     workers = int(values.get("workers", 1))
-    if workers <= 1:
-        for name in set(knobs_of(PreforkMixIn)) & set(values):
-            if name != "workers":
-                raise UsageError(f"--{name.replace('_', '-')} needs --workers 2 or more")
-        values.pop("workers", None)
-    kinds = {a.kind for a in addresses}
     stream = all(a.stream for a in addresses if a.kind != "fd")
-    if not stream:
-        for name in set(knobs_of(LimitsMixIn)) & set(values):
-            raise UsageError(f"--{name.replace('_', '-')} applies to stream servers only")
-    for name, enabled in (("tls", tls), ("proxy", proxy)):
-        if not enabled:
-            for key in [k for k in values if k in (tls_names if name == "tls" else proxy_names)]:
-                values.pop(key)
-    return Features(
+    needs = [
+        (set(knobs_of(TLSMixIn)), tls, "needs --certfile (TLS is off without it)"),
+        (set(knobs_of(ProxyProtocolMixIn)) - {"proxy_protocol"}, proxy, "needs --proxy-protocol"),
+        (set(knobs_of(PreforkMixIn)) - {"workers"}, workers > 1, "needs --workers 2 or more"),
+        (set(knobs_of(LimitsMixIn)), stream, "applies to stream servers only"),
+    ]
+    for names, enabled, problem in needs:
+        for name in sorted(names & explicit):
+            if not enabled:
+                raise UsageError(f"{_where(resolved, name)}: {problem}")
+    kinds = {a.kind for a in addresses}
+    features = Features(
         kind=addresses[0].kind if len(kinds) == 1 else "tcp",
         workers=workers,
         tls=tls,
@@ -226,6 +189,61 @@ def _features(values: dict[str, Any], addresses: list[Address]) -> Features:
         # (backlog, TCP options) and safe Unix socket files.
         listeners=True,
     )
+    cls = server_class(features, name="ServekitServer")
+    accepted = knobs_of(cls)
+    kwargs = {}
+    for name, value in values.items():
+        declared = accepted.get(name)
+        if declared is None or (name == "proxy_protocol" and not proxy):
+            continue
+        # Explicit values, and the command's defaults where they differ from the class's.
+        if name in explicit or value != declared.default:
+            kwargs[name] = value
+    return cls, kwargs, features
+
+
+def _resolve(args: argparse.Namespace, environ: dict[str, str]) -> Resolved:
+    command = "serve" if args.command == "config" else args.command
+    settings = command_settings(command)
+    flags = {name: getattr(args, name, None) for name in settings}
+    resolved = resolve(settings, config_path=args.config, environ=environ, flags=flags)
+    positional = getattr(args, "target", None)
+    if positional:
+        resolved.target, resolved.target_origin = positional, Origin("argument")
+    if args.command == "echo" and resolved.target is not None:
+        origin = resolved.target_origin
+        where = origin.where if origin is not None else "config file"
+        raise UsageError(
+            f"{where}: server.target = {toml_value(resolved.target)}: servekit echo runs "
+            "its built-in handler; run the target with servekit serve (or servekit wsgi)"
+        )
+    if args.command == "serve" and resolved.target is None:
+        raise UsageError(
+            "servekit serve needs a handler class: servekit serve MODULE:CLASS, or "
+            'target = "module:Class" in the [server] table of --config'
+        )
+    return resolved
+
+
+def _loader(command: str, target: str | None) -> tuple[Callable[[bool], type], str]:
+    """A function that (re)loads the handler class, and the server's label."""
+    if command == "serve":
+        assert target is not None
+        return lambda reload: load_handler(target, reload=reload), target
+    if command == "wsgi":
+        # By name, and only for this command: the WSGI module is not needed by the
+        # others, and loading it lazily keeps their start-up lean.
+        def load_wsgi(reload: bool) -> type:
+            try:
+                wsgi = importlib.import_module("servekit.apps.wsgi")
+            except ImportError as exc:
+                raise TargetError(f"the WSGI support cannot be loaded: {exc}") from None
+            app = wsgi.hello_app if target is None else load_app(target, reload=reload)
+            handler: type = wsgi.handler_for(app)
+            return handler
+
+        return load_wsgi, f"wsgi {target or 'hello app'}"
+    raise AssertionError(command)
 
 
 class _Hooks:
@@ -234,7 +252,7 @@ class _Hooks:
     (or the supervisor's), and SIGHUP handling in a single process."""
 
     cli_label = "echo"
-    cli_target: str | None = None
+    cli_loader: Callable[[bool], type] | None = None
     cli_notifier: Any = None
     cli_watchdog: Any = None
     _cli_reload_requested = False
@@ -280,8 +298,8 @@ class _Hooks:
     def on_reload(self: Any) -> None:
         if self.cli_notifier is not None:
             self.cli_notifier.reloading()
-        if self.cli_target is not None:
-            self.RequestHandlerClass = reload_handler(self.cli_target)
+        if self.cli_loader is not None:
+            self.RequestHandlerClass = self.cli_loader(True)
         if hasattr(self, "reload_tls"):
             self.reload_tls()
         if self.cli_notifier is not None:
@@ -296,40 +314,55 @@ class _Hooks:
             try:
                 self.on_reload()
                 log.info("reloaded")
+            except TargetError as exc:  # a syntax error in the edited module: one line
+                log.error("reload failed; still serving with the previous setup: %s", exc)
             except Exception:
                 log.exception("reload failed; still serving with the previous setup")
         super().service_actions()  # type: ignore[misc]
 
 
 def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
-    values = resolve_settings(args, environ)
-    level = (args.log_level or "info").upper()
+    resolved = _resolve(args, environ)
+    values = resolved.values
+    addresses = parse_addresses(list(values["bind"]))
+    cls_base, kwargs, features = _compose(resolved, addresses)
+    try:
+        credentials = plan_credentials(values.get("user"), values.get("group"))
+    except PrivilegeError as exc:
+        name = "user" if values.get("user") is not None else "group"
+        raise UsageError(f"{_where(resolved, name)} {values[name]!r}: {exc}") from None
+    pidfile = PidFile(values["pid"]) if values.get("pid") else None
+    if pidfile is not None:
+        try:
+            if credentials is not None:
+                pidfile.check(credentials.uid, credentials.groups())
+            else:
+                pidfile.check()
+        except PidFileError as exc:
+            raise UsageError(f"{_where(resolved, 'pid')} {values['pid']!r}: {exc}") from None
+    if args.command == "config":
+        if args.print_settings:
+            sys.stdout.write(render(resolved))
+        else:
+            print("servekit: settings are valid (servekit config --print shows them)")
+        return EXIT_OK
+
     logging.basicConfig(
-        level=getattr(logging, level),
+        level=getattr(logging, str(values["log_level"]).upper()),
         stream=sys.stderr,
         format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        addresses = parse_addresses(args.bind or [DEFAULT_BIND])
-    except AddressError as exc:
-        raise UsageError(str(exc)) from None
-    features = _features(values, addresses)
-    if args.target is None:
-        stream = features.kind in ("tcp", "unix", "fd") and all(
-            a.stream for a in addresses if a.kind != "fd"
-        )
-        handler: type = EchoHandler if stream else DatagramEchoHandler
-        label = "echo"
-        if features.limits:
-            # Echo is line-based: let a connection wait in the loop for its first line.
-            values.setdefault("wait_for_request", "line")
+    for warning in resolved.warnings:
+        log.warning("%s", warning)
+    if args.command == "echo":
+        handler: type = EchoHandler if features.limits else DatagramEchoHandler
+        loader, label = None, "echo"
     else:
-        handler = load_handler(args.target)
-        label = args.target
-    base = server_class(features, name="ServekitServer")
-    cls: Any = type("ServekitServer", (_Hooks, base), {"__module__": __name__})
+        loader, label = _loader(args.command, resolved.target)
+        handler = loader(False)  # before binding: a bad target is exit 2, not a dead server
+    cls: Any = type("ServekitServer", (_Hooks, cls_base), {"__module__": __name__})
     cls.cli_label = label
-    cls.cli_target = args.target
+    cls.cli_loader = staticmethod(loader) if loader is not None else None
 
     from servekit.process.systemd import Notifier, Watchdog
 
@@ -342,7 +375,7 @@ def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
         [str(a) for a in addresses] if features.listeners else addresses[0].sockaddr()
     )
     try:
-        server = cls(server_address, handler, **values)
+        server = cls(server_address, handler, **kwargs)
     except OSError as exc:
         where = ", ".join(str(a) for a in addresses)
         print(f"servekit: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
@@ -351,12 +384,25 @@ def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
     if cls.cli_watchdog is not None:
         poll_interval = min(poll_interval, cls.cli_watchdog.period)
     with server:
-        if features.workers <= 1:
-            _single_process_signals(server)
-            server.cli_announce()
-        server.serve_forever(poll_interval)
-        if features.workers <= 1 and cls.cli_notifier is not None:
-            cls.cli_notifier.stopping()
+        try:
+            if credentials is not None:
+                drop_privileges(credentials)
+                log.info("running as %s", credentials.describe())
+            if pidfile is not None:
+                pidfile.write()
+        except (PrivilegeError, PidFileError) as exc:
+            print(f"servekit: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        try:
+            if features.workers <= 1:
+                _single_process_signals(server)
+                server.cli_announce()
+            server.serve_forever(poll_interval)
+            if features.workers <= 1 and cls.cli_notifier is not None:
+                cls.cli_notifier.stopping()
+        finally:
+            if pidfile is not None:
+                pidfile.remove()
     print("servekit: stopped", file=sys.stderr, flush=True)
     return EXIT_OK
 
@@ -387,7 +433,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     args = parser.parse_args(argv)
     try:
         return run(args, dict(os.environ) if environ is None else environ)
-    except (UsageError, SettingError, AddressError) as exc:
+    except (UsageError, SettingError, AddressError, TargetError) as exc:
         print(f"servekit: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

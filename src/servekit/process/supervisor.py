@@ -25,6 +25,17 @@
 #                    since the listening socket stays open in the parent throughout)
 #   SIGTTIN/SIGTTOU  one worker more / one fewer
 #
+# Workers die with their supervisor. A supervisor killed without a chance to stop its
+# workers (SIGKILL, the OOM killer, a crashed container init) would leave them serving
+# as orphans, holding the listening socket, so that a restart fails with EADDRINUSE.
+# Each worker asks the kernel for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG,
+# Linux) as the first thing after fork, then compares getppid() with the supervisor's
+# pid recorded before fork: a supervisor that died in between is caught there. SIGKILL
+# rather than SIGTERM because nobody is left to bound a graceful drain: a worker whose
+# threads hang would keep the socket forever. The kernel sends the signal when the
+# *thread* that forked exits; every fork happens in the thread running run(), which
+# returns only after its workers are gone.
+#
 # Exit codes of a worker tell the supervisor what happened (gunicorn's lesson: distinct
 # codes stop restart storms): 0 = finished on purpose (stop, retirement after
 # max_requests); EXIT_BOOT_ERROR = failed before serving, repeated boot errors stop the
@@ -60,6 +71,7 @@ __all__ = [
     "SupervisorError",
     "WorkerContext",
     "WorkerState",
+    "die_with_parent",
 ]
 
 log = logging.getLogger("servekit.supervisor")
@@ -76,12 +88,54 @@ MAX_WORKERS = 1024
 # the configuration is broken: stop instead of forking forever.
 MAX_BOOT_ERRORS = 5
 
+# <linux/prctl.h>: the signal a process receives when its parent (thread) dies.
+PR_SET_PDEATHSIG = 1
+
 # Crash-loop back-off: a worker that dies within CRASH_WINDOW seconds of starting is
 # "crashing young"; the n-th consecutive one waits RESTART_DELAY_MIN * 2**(n-1), capped.
 # A worker that lived longer (e.g. killed under load) is replaced at once.
 CRASH_WINDOW = 5.0
 RESTART_DELAY_MIN = 0.1
 RESTART_DELAY_MAX = 10.0
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's prctl(), or None where there is none. Loaded in the supervisor, before any
+    fork, so that a new worker does not import ctypes in its first milliseconds."""
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+    function.argtypes = [
+        ctypes.c_int,
+        ctypes.c_ulong,
+        ctypes.c_ulong,
+        ctypes.c_ulong,
+        ctypes.c_ulong,
+    ]
+    function.restype = ctypes.c_int
+    prctl: Callable[..., int] = function
+    return prctl
+
+
+def die_with_parent(parent_pid: int, prctl: Callable[..., int] | None) -> None:
+    """In a freshly forked worker: be killed when the supervisor (parent_pid) dies.
+
+    Exits at once if the supervisor died before the request reached the kernel (the
+    worker was then already re-parented, and no signal will ever come).
+    """
+    if prctl is not None and prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(_errno()))
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_CRASH)
+
+
+def _errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
 
 
 class SupervisorError(ServekitError, RuntimeError):
@@ -264,6 +318,7 @@ class Supervisor:
         self._fatal: str | None = None
         self._external_wakeup: _Wakeable | None = None
         self._should_stop: Callable[[], bool] | None = None
+        self._prctl = _load_prctl()
 
     # -- public --------------------------------------------------------------------------
 
@@ -523,9 +578,10 @@ class Supervisor:
         # Flush so that buffered output is not written twice (once by each process).
         sys.stdout.flush()
         sys.stderr.flush()
+        supervisor_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
-            self._become_worker(context)  # never returns
+            self._become_worker(context, supervisor_pid)  # never returns
         pidfd = os.pidfd_open(pid)
         worker = _Worker(pid, pidfd, index, self._generation, now)
         self._workers[pid] = worker
@@ -534,9 +590,10 @@ class Supervisor:
         self.counters.spawned += 1
         log.info("%s: worker %d started, pid %d", self.name, index, pid)
 
-    def _become_worker(self, context: WorkerContext) -> None:
+    def _become_worker(self, context: WorkerContext, supervisor_pid: int) -> None:
         code = EXIT_CRASH
         try:
+            die_with_parent(supervisor_pid, self._prctl)
             # The parent's signal plumbing must not leak into the child.
             signal.set_wakeup_fd(-1)
             for signum in self._HANDLED:
