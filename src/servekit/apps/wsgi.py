@@ -641,10 +641,10 @@ class WSGIRequestHandler(MessageHandler):
             return
         if request is None:
             return  # the client closed the connection between requests
-        keep_alive = self._serve(request)
-        if keep_alive and getattr(self.server, "state", None) is ServerState.STOPPING:
-            keep_alive = False
-        self.close_connection = not keep_alive
+        # Whether to keep the connection was decided when the response head was written
+        # (_may_keep), and said in it: deciding again now could close a connection whose
+        # answer promised to keep it open.
+        self.close_connection = not self._serve(request)
 
     def _serve(self, request: Request) -> bool:
         """Run the application for request; whether the connection may carry another."""

@@ -54,6 +54,8 @@ __all__ = [
 log = logging.getLogger("servekit.limits")
 
 WAIT_MODES = ("none", "data", "line")
+# Bytes peeked first when waiting for a line (see WaitForRequest.ready).
+_FIRST_PEEK = 2048
 
 _local = threading.local()
 
@@ -140,8 +142,13 @@ class WaitForRequest(Stage):
         closed), or the reason to close the connection."""
         if self.mode != "line" or isinstance(connection.request, ssl.SSLSocket):
             return peek_ready(connection)  # the handler reads, and sees EOF or errors itself
+        request = connection.request
         try:
-            peeked = connection.request.recv(self.limit, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            # A small peek first: the whole line is almost always in it, and peeking
+            # max_line_length (64 KiB) bytes would allocate that much on every message.
+            peeked = request.recv(_FIRST_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            if len(peeked) == _FIRST_PEEK and b"\n" not in peeked and self.limit > _FIRST_PEEK:
+                peeked = request.recv(self.limit, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return "wait"
         except OSError as exc:

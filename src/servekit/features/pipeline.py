@@ -40,7 +40,6 @@ import logging
 import select
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -78,6 +77,11 @@ _SWEEP_MAX = 1.0
 _SWEEP_MIN = 0.05
 # Events taken per epoll_wait(): one wake-up of the loop serves a burst.
 _MAX_EVENTS = 256
+# At shutdown, how long a connection accepted but still in its preamble may take to
+# deliver its request: its client connected moments ago and the request is most likely
+# one round trip away. Short, because a silent client must not hold up the stop (a
+# Ctrl-C should end the process in well under a second).
+SHUTDOWN_GRACE = 0.5
 
 
 class Step(enum.Enum):
@@ -140,11 +144,15 @@ class Stage:
         log.log(error.level, "%s: %s; closing", format_peer(connection.peer), error.reason)
 
 
-def run_stages_blocking(server: Any, connection: Connection, stages: Sequence[Stage]) -> bool:
+def run_stages_blocking(
+    server: Any, connection: Connection, stages: Sequence[Stage], *, until: float | None = None
+) -> bool:
     """Run every stage on this thread, waiting with select(); True if all completed.
 
     For servers without a pipeline (ThreadingMixIn, ForkingMixIn, handle_request()), and
-    for connections accepted during shutdown. Leaves the socket blocking.
+    for connections finished during shutdown, where ``until`` (a time.monotonic())
+    caps every wait: a connection still waiting then is closed quietly. Restores the
+    socket's timeout.
     """
     if not stages:
         return True
@@ -170,6 +178,16 @@ def run_stages_blocking(server: Any, connection: Connection, stages: Sequence[St
                     if remaining <= 0:
                         stage.fail(connection, stage.expired(connection))
                         return False
+                if until is not None:
+                    cap = until - time.monotonic()
+                    if cap <= 0:
+                        log.debug(
+                            "%s: still in its %s stage at shutdown; closed",
+                            format_peer(connection.peer),
+                            stage.name,
+                        )
+                        return False
+                    remaining = cap if remaining is None else min(remaining, cap)
                 if step is Step.MORE:
                     _wait_for_more(sock, remaining)
                 else:
@@ -277,8 +295,7 @@ class ConnectionPipeline:
         #: Every open connection by descriptor. Written by the loop (admit) and by
         #: whoever closes a connection; dict operations are atomic.
         self.connections: dict[int, Connection] = {}
-        # Serialises "park" against "stop parking, close the idle ones" at shutdown.
-        self._park_lock = threading.Lock()
+        #: Set by close_idle(): threads close connections instead of parking them.
         self.closing = False
         self._factory_source: Any = None
         self._factory: Any = None
@@ -373,9 +390,9 @@ class ConnectionPipeline:
                 continue
             if connection.state is ConnectionState.PREAMBLE:
                 stage = self.stages[connection.stage]
-                self._remove(connection)
-                stage.fail(connection, stage.expired(connection))
-                self._close_socket(connection)
+                if self._remove(connection):
+                    stage.fail(connection, stage.expired(connection))
+                    self._close_socket(connection)
             elif connection.state is ConnectionState.PARKED:
                 self._close(connection, "", finish_on_loop=True)
                 log.debug(
@@ -414,14 +431,14 @@ class ConnectionPipeline:
             try:
                 step = stage.step(connection)
             except StageError as error:
-                self._remove(connection)
-                stage.fail(connection, error)
-                self._close_socket(connection)
+                if self._remove(connection):
+                    stage.fail(connection, error)
+                    self._close_socket(connection)
                 return False
             except Exception:
-                self._remove(connection)
-                self.server.handle_error(connection.request, connection.client_address)
-                self._close_socket(connection)
+                if self._remove(connection):
+                    self.server.handle_error(connection.request, connection.client_address)
+                    self._close_socket(connection)
                 return False
             if step is Step.DONE:
                 self._enter(connection, connection.stage + 1)
@@ -551,27 +568,43 @@ class ConnectionPipeline:
         return self._factory
 
     def _park(self, connection: Connection) -> None:
-        with self._park_lock:
-            if self.closing:
-                park = False
-            else:
-                park = True
-                connection.state = ConnectionState.PARKED
-                connection.set_deadline(self.idle_timeout, "idle")
-                self._arm(connection)  # last: from here on the loop owns it
-        if not park:
+        # No lock (a lock held across epoll_ctl, which releases the GIL, convoys every
+        # thread behind the one waiting for the GIL). Against close_idle() the order of
+        # two writes suffices: we publish PARKED, then read closing; it sets closing,
+        # then collects PARKED connections. Whichever comes second sees the other, and
+        # _claim() lets only one of us close it.
+        connection.set_deadline(self.idle_timeout, "idle")
+        connection.state = ConnectionState.PARKED
+        if self.closing:
             self._close(connection, "")
+        else:
+            self._arm(connection)  # last: from here on the loop owns it
 
     # -- closing -------------------------------------------------------------------------
 
-    def _remove(self, connection: Connection) -> None:
-        connection.state = ConnectionState.CLOSED
-        if self.connections.get(connection.fd) is connection:
-            del self.connections[connection.fd]
+    def _claim(self, connection: Connection) -> bool:
+        """Take the connection out of the set; True for the one caller that gets it.
+
+        dict.pop() is atomic, so of two threads that both decide to close a connection
+        (shutdown racing a thread that parks it) exactly one closes it.
+        """
+        current = self.connections.pop(connection.fd, None)
+        if current is connection:
+            connection.state = ConnectionState.CLOSED
+            return True
+        if current is not None:
+            # A newer connection on a descriptor number the kernel reused: not ours.
+            self.connections.setdefault(connection.fd, current)
+        return False
+
+    def _remove(self, connection: Connection) -> bool:
+        if not self._claim(connection):
+            return False
         try:
             self.epoll.unregister(connection.fd)
         except (OSError, ValueError):
             pass
+        return True
 
     def _close_socket(self, connection: Connection) -> None:
         try:
@@ -583,9 +616,8 @@ class ConnectionPipeline:
 
     def _close(self, connection: Connection, reason: str, *, finish_on_loop: bool = False) -> None:
         """Close a connection its caller owns: the handler's finish(), then the socket."""
-        if connection.state is ConnectionState.CLOSED:
-            return
-        self._remove(connection)
+        if not self._remove(connection):
+            return  # somebody else closed it
         if reason:
             log.info("%s: %s; closing", format_peer(connection.client_address), reason)
         handler = connection.handler
@@ -602,47 +634,54 @@ class ConnectionPipeline:
         self._close_socket(connection)
 
     def close_idle(self) -> int:
-        """Stop parking; close every connection that waits with nothing to read.
+        """Stop parking; close the connections parked with nothing to read.
 
         For the shutdown sequence, after the loop stopped: connections owned by the loop
-        are owned by nobody else now. One whose next request has already arrived (bytes
-        queued) is served once more on a pool thread instead, without keep-alive.
-        Returns how many were closed.
+        are owned by nobody else now. A parked one whose next request has already
+        arrived, and one still in its preamble, is served once more on a pool thread
+        instead, without keep-alive (a preamble waits SHUTDOWN_GRACE at most). Returns
+        how many were closed at once.
         """
-        with self._park_lock:
-            self.closing = True
-            idle = [
-                c
-                for c in list(self.connections.values())
-                if c.state is not ConnectionState.HANDLING
-            ]
+        self.closing = True  # first; see _park()
+        idle = [
+            c for c in list(self.connections.values()) if c.state is not ConnectionState.HANDLING
+        ]
         closed = 0
+        grace_until = time.monotonic() + SHUTDOWN_GRACE
         for connection in idle:
             connection.closing = True
-            if peek_ready(connection) == "ready":
+            # Served once more: a connection whose request is here, and one accepted
+            # but still in its preamble (its client just connected: the request is
+            # likely in flight), for at most SHUTDOWN_GRACE.
+            serve = connection.handler is None or peek_ready(connection) == "ready"
+            if serve and self._claim(connection):
+                # Claimed (a thread racing to close it now finds it gone), then put back
+                # as handled by the pool thread that serves it.
+                self.connections[connection.fd] = connection
                 connection.state = ConnectionState.HANDLING
                 try:
-                    self.submit(self._serve_last, connection)
+                    self.submit(self._serve_last, connection, grace_until)
                     continue
                 except RuntimeError:
                     pass  # the pool is already shut down
-            closed += 1
             if connection.handler is None:
-                self._remove(connection)
-                self._close_socket(connection)
-            else:
+                if self._remove(connection):
+                    closed += 1
+                    self._close_socket(connection)
+            elif connection.state is not ConnectionState.CLOSED:
+                closed += 1
                 self._close(connection, "", finish_on_loop=True)
         return closed
 
-    def _serve_last(self, connection: Connection) -> None:
+    def _serve_last(self, connection: Connection, until: float) -> None:
         """Finish a connection's preamble and serve one message, blocking (shutdown)."""
         _set_current(connection)
         try:
             if connection.stage < len(self.stages):
                 remaining = self.stages[connection.stage :]
-                if not run_stages_blocking(self.server, connection, remaining):
-                    self._remove(connection)
-                    self._close_socket(connection)
+                if not run_stages_blocking(self.server, connection, remaining, until=until):
+                    if self._remove(connection):
+                        self._close_socket(connection)
                     return
                 connection.stage = len(self.stages)
             self._handle(connection)
@@ -662,8 +701,8 @@ class ConnectionPipeline:
         _set_current(connection)
         try:
             if not run_stages_blocking(self.server, connection, self.stages):
-                self._remove(connection)
-                self._close_socket(connection)
+                if self._remove(connection):
+                    self._close_socket(connection)
                 return
             self._handle(connection)
         finally:

@@ -52,16 +52,15 @@ __all__ = [
 log = logging.getLogger("servekit.pool")
 
 Task = tuple[Callable[..., object], tuple[Any, ...]]
-_STOP: Task = (lambda: None, ())
 
 
 class _Worker:
-    __slots__ = ("task", "thread", "wake")
+    __slots__ = ("stop", "thread", "wake")
 
     def __init__(self) -> None:
         self.wake = threading.Lock()
-        self.wake.acquire()  # held = "nothing to do"; release() hands over a task
-        self.task: Task | None = None
+        self.wake.acquire()  # held = "sleeping"; release() wakes the worker
+        self.stop = False
         self.thread: threading.Thread | None = None
 
 
@@ -70,8 +69,15 @@ class WorkerPool:
 
     busy counts tasks running or waiting; on_saturated() is called (under the pool's
     lock) when busy reaches max_threads and on_unsaturated() when it drops below again.
-    submit() never blocks: when every worker is busy the task waits in an overflow
-    queue, which only callers that ignore saturation (handle_request() loops) can fill.
+    submit() never blocks.
+
+    Tasks wait in one FIFO queue. A worker that finishes a task takes the next one
+    without sleeping, and submit() wakes a sleeping worker only when no woken worker
+    is already on its way to the queue; a worker that takes a task and sees more
+    waiting wakes one more. So a burst of short tasks (one message each, from the
+    connection pipeline) is run by as few threads as keep up with it, instead of
+    waking a thread per task to fight over the GIL, while a task that blocks never
+    holds up the others: the next submit() finds nobody searching and wakes a thread.
     """
 
     def __init__(
@@ -96,13 +102,16 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []  # LIFO: the top was busy most recently
         self._workers: set[_Worker] = set()
-        self._overflow: deque[Task] = deque()
+        self._queue: deque[Task] = deque()
         self._busy = 0
+        #: Workers woken (or started) that have not taken a task yet.
+        self._searching = 0
         self._closing = False
         self._all_idle = threading.Condition(self._lock)
         self._counter = 0
+        self._started: dict[int, float] = {}  # thread ident -> when its task started
         for _ in range(self.min_threads):
-            self._spawn_locked(None)
+            self._spawn_locked(searching=False)
 
     # -- introspection -------------------------------------------------------------------
 
@@ -124,112 +133,131 @@ class WorkerPool:
     def saturated(self) -> bool:
         return self._busy >= self.max_threads
 
+    def running_since(self) -> list[float]:
+        """time.monotonic() at which each task now running started (for stuck checks)."""
+        return list(self._started.values())
+
     # -- submitting ----------------------------------------------------------------------
 
     def submit(self, fn: Callable[..., object], *args: Any) -> None:
-        task: Task = (fn, args)
         with self._lock:
             if self._closing:
                 raise RuntimeError("the pool is shut down")
             self._busy += 1
             if self._busy == self.max_threads and self._on_saturated is not None:
                 self._on_saturated()
-            if self._idle:
-                worker = self._idle.pop()
-                worker.task = task
-                worker.wake.release()
-            elif len(self._workers) < self.max_threads:
-                self._spawn_locked(task)
-            else:
-                self._overflow.append(task)
+            self._queue.append((fn, args))
+            if self._searching == 0:
+                self._wake_one_locked()
 
-    def _spawn_locked(self, task: Task | None) -> None:
+    def _wake_one_locked(self) -> None:
+        if self._idle:
+            worker = self._idle.pop()
+            self._searching += 1
+            worker.wake.release()
+        elif len(self._workers) < self.max_threads:
+            self._spawn_locked(searching=True)
+        # else: every thread is running a task; the first to finish takes the next.
+
+    def _spawn_locked(self, *, searching: bool) -> None:
         worker = _Worker()
-        worker.task = task
         self._counter += 1
         thread = threading.Thread(
-            target=self._run, args=(worker,), name=f"{self.name}-{self._counter}", daemon=True
+            target=self._run,
+            args=(worker, searching),
+            name=f"{self.name}-{self._counter}",
+            daemon=True,
         )
         worker.thread = thread
         self._workers.add(worker)
-        if task is None:
-            self._idle.insert(0, worker)
+        if searching:
+            self._searching += 1
+        # else: it joins the idle stack itself, in _sleep(), once it runs.
         try:
             thread.start()
         except BaseException:
             self._workers.discard(worker)
-            if task is None:
-                self._idle.remove(worker)
+            if searching:
+                self._searching -= 1
             raise
 
     # -- the worker ----------------------------------------------------------------------
 
-    def _run(self, worker: _Worker) -> None:
-        task = worker.task
-        worker.task = None
-        while True:
-            if task is None:
-                task = self._wait_for_task(worker)
-            if task is None or task is _STOP:
-                return
-            fn, args = task
-            try:
-                fn(*args)
-            except BaseException:
-                # The server's task wrapper reports handler errors itself; anything that
-                # escapes it (SystemExit in a handler, a bug in a hook) must not kill
-                # the worker silently and leak its slot.
-                log.exception("uncaught exception in pool worker")
-            finally:
-                task = self._finished(worker)
-
-    def _wait_for_task(self, worker: _Worker) -> Task | None:
-        while True:
-            timeout = self.idle_timeout
-            got = worker.wake.acquire(timeout=-1 if timeout is None else timeout)
-            if got:
-                task = worker.task
-                worker.task = None
-                return task
+    def _run(self, worker: _Worker, searching: bool) -> None:
+        me = threading.get_ident()
+        if not searching and not self._sleep(worker):
+            return
+        while True:  # one turn per task; sleeps (and may exit) when the queue is empty
             with self._lock:
-                # Timed out while idle. Leave unless that would go below min_threads or
-                # a task was handed over between the timeout and taking the lock.
-                if worker in self._idle and len(self._workers) > self.min_threads:
-                    self._idle.remove(worker)
-                    self._workers.discard(worker)
-                    return None
+                self._searching -= 1
+                task = self._take_locked()
+            while task is not None:
+                fn, args = task
+                self._started[me] = time.monotonic()
+                try:
+                    fn(*args)
+                except BaseException:
+                    # The server's task wrapper reports handler errors itself; anything
+                    # that escapes it (SystemExit in a handler, a bug in a hook) must not
+                    # kill the worker silently and leak its slot.
+                    log.exception("uncaught exception in pool worker")
+                finally:
+                    self._started.pop(me, None)
+                    task = self._finished()
+            if not self._sleep(worker):
+                return
 
-    def _finished(self, worker: _Worker) -> Task | None:
-        """Account for a finished task; return the next one to run, if any is waiting."""
+    def _take_locked(self) -> Task | None:
+        if not self._queue:
+            return None
+        task = self._queue.popleft()
+        if self._queue and self._searching == 0:
+            self._wake_one_locked()  # more work than this thread: bring in one more
+        return task
+
+    def _finished(self) -> Task | None:
+        """Account for a finished task; return the next queued one, if any."""
         with self._lock:
             self._busy -= 1
             if self._busy == self.max_threads - 1 and self._on_unsaturated is not None:
                 self._on_unsaturated()
-            if self._overflow:
-                return self._overflow.popleft()
-            if self._closing:
-                self._workers.discard(worker)
-                if not self._busy:
-                    self._all_idle.notify_all()
-                return _STOP
-            self._idle.append(worker)
             if not self._busy:
                 self._all_idle.notify_all()
-            return None
+            return self._take_locked()
+
+    def _sleep(self, worker: _Worker) -> bool:
+        """Wait, idle, until woken (True) or told to stop / timed out (False: exit)."""
+        with self._lock:
+            if self._closing:
+                self._workers.discard(worker)
+                return False
+            self._idle.append(worker)
+        while True:
+            timeout = self.idle_timeout
+            if worker.wake.acquire(timeout=-1 if timeout is None else timeout):
+                return not worker.stop
+            with self._lock:
+                # Timed out while idle. Leave unless that would go below min_threads or
+                # we were woken between the timeout and taking the lock.
+                if worker in self._idle and len(self._workers) > self.min_threads:
+                    self._idle.remove(worker)
+                    self._workers.discard(worker)
+                    return False
 
     # -- shutting down -------------------------------------------------------------------
 
     def shutdown(self, *, wait: bool = True, timeout: float | None = None) -> bool:
         """Refuse new tasks, stop idle workers, and optionally wait for busy ones.
 
-        Returns True if no task is still running when it returns.
+        Tasks already queued still run. Returns True if no task is still running or
+        queued when it returns.
         """
         with self._lock:
             self._closing = True
             while self._idle:
                 worker = self._idle.pop()
                 self._workers.discard(worker)
-                worker.task = _STOP
+                worker.stop = True
                 worker.wake.release()
             if not wait:
                 return self._busy == 0
@@ -337,7 +365,14 @@ class ThreadPoolMixIn(ServerFeature):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._runtime: _Runtime | None = None
+        self._served_in: int | None = None
         super().__init__(*args, **kwargs)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        # Remembered for the shutdown sequence: only a process that served takes the
+        # backlog (not one whose constructor failed, nor a pre-fork parent).
+        self._served_in = os.getpid()
+        super().serve_forever(poll_interval)
 
     def _here(self) -> _Runtime | None:
         runtime: _Runtime | None = getattr(self, "_runtime", None)
@@ -435,7 +470,7 @@ class ThreadPoolMixIn(ServerFeature):
     def accept_backlog(self) -> None:
         """Serve, once each, the connections the kernel queued before we stopped."""
         super().accept_backlog()
-        if self.socket_type != socket.SOCK_STREAM:
+        if self.socket_type != socket.SOCK_STREAM or self._served_in != os.getpid():
             return
         runtime = self._here()
         if runtime is not None and runtime.drained:
