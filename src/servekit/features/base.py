@@ -32,7 +32,7 @@ import socket
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from servekit.features.connection import Connection, _set_current, current_connection
-from servekit.features.pipeline import Stage, run_stages_blocking
+from servekit.features.pipeline import Stage, outcome_of, run_stages_blocking
 from servekit.knobs import Configurable
 
 if TYPE_CHECKING:
@@ -115,7 +115,11 @@ class ServerFeature(Configurable, _MixinBase):
             if not run_stages_blocking(self, connection, self.connection_stages()):
                 return
             self.message_started(connection)
+            connection.messages = 1
             super().finish_request(connection.request, connection.client_address)
+        except BaseException as exc:
+            connection.outcome = outcome_of(exc)
+            raise
         finally:
             _set_current(None)
             if connection.request is not request:

@@ -29,7 +29,19 @@ if TYPE_CHECKING:
 
     from servekit.protocols.proxy_header import ProxyHeader
 
-__all__ = ["Connection", "ConnectionState", "current_connection"]
+__all__ = ["OUTCOMES", "Connection", "ConnectionState", "current_connection"]
+
+#: Every value of Connection.outcome: how a connection ended.
+OUTCOMES = (
+    "done",  # the handler finished it (or the client closed between messages)
+    "client-gone",  # reset or broken pipe while the handler worked
+    "read-timeout",  # silent for longer than the handler's socket timeout
+    "idle-timeout",  # parked between messages for longer than idle_timeout
+    "stage-timeout",  # a preamble stage (PROXY header, TLS, first request) took too long
+    "stage-failed",  # a preamble stage failed: bad header, failed handshake, ...
+    "error",  # the handler raised: handle_error() reported it
+    "shutdown",  # closed by the shutdown sequence
+)
 
 
 class ConnectionState(enum.Enum):
@@ -53,6 +65,7 @@ class Connection:
         "handler",
         "handler_factory",
         "messages",
+        "outcome",
         "peer",
         "proxy_buffer",
         "proxy_header",
@@ -99,6 +112,8 @@ class Connection:
         self.handler_factory: Any = None
         #: Messages handled so far (1 after the first handle_one_request()).
         self.messages = 0
+        #: How it ended, for metrics and access logs (see OUTCOMES); set before close.
+        self.outcome = "done"
         #: True once the loop decided to close it (server stopping): no more parking.
         self.closing = False
         #: The socket timeout the handler starts with (the accepted socket's own).

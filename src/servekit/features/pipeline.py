@@ -167,6 +167,7 @@ def run_stages_blocking(
                 try:
                     step = stage.step(connection)
                 except StageError as error:
+                    connection.outcome = "stage-failed"
                     stage.fail(connection, error)
                     return False
                 if step is Step.DONE:
@@ -176,11 +177,13 @@ def run_stages_blocking(
                 if connection.deadline is not None:
                     remaining = connection.deadline - time.monotonic()
                     if remaining <= 0:
+                        connection.outcome = "stage-timeout"
                         stage.fail(connection, stage.expired(connection))
                         return False
                 if until is not None:
                     cap = until - time.monotonic()
                     if cap <= 0:
+                        connection.outcome = "shutdown"
                         log.debug(
                             "%s: still in its %s stage at shutdown; closed",
                             format_peer(connection.peer),
@@ -371,6 +374,8 @@ class ConnectionPipeline:
         elif verdict == "more":
             self._wait(connection, Step.MORE)
         else:
+            if verdict:
+                connection.outcome = "stage-failed"
             self._close(connection, verdict, finish_on_loop=True)
 
     def _message_ready(self, connection: Connection, events: int) -> str:
@@ -391,9 +396,11 @@ class ConnectionPipeline:
             if connection.state is ConnectionState.PREAMBLE:
                 stage = self.stages[connection.stage]
                 if self._remove(connection):
+                    connection.outcome = "stage-timeout"
                     stage.fail(connection, stage.expired(connection))
                     self._close_socket(connection)
             elif connection.state is ConnectionState.PARKED:
+                connection.outcome = "idle-timeout"
                 self._close(connection, "", finish_on_loop=True)
                 log.debug(
                     "%s: idle for idle_timeout=%ss between messages; closed",
@@ -432,11 +439,13 @@ class ConnectionPipeline:
                 step = stage.step(connection)
             except StageError as error:
                 if self._remove(connection):
+                    connection.outcome = "stage-failed"
                     stage.fail(connection, error)
                     self._close_socket(connection)
                 return False
             except Exception:
                 if self._remove(connection):
+                    connection.outcome = "error"
                     self.server.handle_error(connection.request, connection.client_address)
                     self._close_socket(connection)
                 return False
@@ -480,6 +489,7 @@ class ConnectionPipeline:
             self.submit(self.run, connection)
         except RuntimeError:
             # The pool is shut down (server closing): this connection will not be served.
+            connection.outcome = "shutdown"
             self._close(connection, "", finish_on_loop=True)
 
     def run(self, connection: Connection) -> None:
@@ -548,6 +558,7 @@ class ConnectionPipeline:
             self._close(connection, "")
 
     def _report(self, connection: Connection, exc: Exception) -> None:
+        connection.outcome = outcome_of(exc)
         if isinstance(exc, PEER_GONE):
             log.debug("%s: the client went away (%s)", format_peer(connection.client_address), exc)
         elif isinstance(exc, TimeoutError):
@@ -664,6 +675,7 @@ class ConnectionPipeline:
                     continue
                 except RuntimeError:
                     pass  # the pool is already shut down
+            connection.outcome = "shutdown"
             if connection.handler is None:
                 if self._remove(connection):
                     closed += 1
@@ -711,6 +723,15 @@ class ConnectionPipeline:
     def close(self) -> None:
         self.stop()
         self.epoll.close()
+
+
+def outcome_of(exc: BaseException) -> str:
+    """Connection.outcome for a connection whose handler raised exc."""
+    if isinstance(exc, PEER_GONE):
+        return "client-gone"
+    if isinstance(exc, TimeoutError):
+        return "read-timeout"
+    return "error"
 
 
 def peek_ready(connection: Connection) -> str:
