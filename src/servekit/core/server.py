@@ -250,7 +250,10 @@ class BaseServer:
             self.__soon.popleft()()
 
     def __run_timers(self) -> None:
+        timers = self.__timers
         now = time.monotonic()
+        if not timers or timers[0][0] > now:
+            return  # the common case, read without the lock: a stale read only delays
         due: list[Timer] = []
         with self.__timer_lock:
             while self.__timers and self.__timers[0][0] <= now:

@@ -114,6 +114,9 @@ class WaitForRequest(Stage):
         #: Seconds a parked connection may wait for its next message.
         self.idle_timeout = idle_timeout
         self.limit = limit
+        # One peek buffer per thread: the loop's is reused for every message; stages run
+        # blocking on pool threads (servers without a pipeline) get their own.
+        self._buffers = threading.local()
 
     def timeout(self) -> float | None:
         return self.request_timeout
@@ -144,20 +147,29 @@ class WaitForRequest(Stage):
             return peek_ready(connection)  # the handler reads, and sees EOF or errors itself
         request = connection.request
         try:
-            # A small peek first: the whole line is almost always in it, and peeking
-            # max_line_length (64 KiB) bytes would allocate that much on every message.
-            peeked = request.recv(_FIRST_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            if len(peeked) == _FIRST_PEEK and b"\n" not in peeked and self.limit > _FIRST_PEEK:
+            # A small peek first, into a reused buffer: the whole line is almost always
+            # in it, and peeking max_line_length (64 KiB) bytes would allocate that much
+            # on every message.
+            buffer = getattr(self._buffers, "buffer", None)
+            if buffer is None:
+                buffer = self._buffers.buffer = bytearray(_FIRST_PEEK)
+            got = request.recv_into(buffer, _FIRST_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            if got and buffer.find(b"\n", 0, got) >= 0:
+                return "ready"
+            if got == _FIRST_PEEK and self.limit > _FIRST_PEEK:
                 peeked = request.recv(self.limit, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                got = len(peeked)
+                if b"\n" in peeked:
+                    return "ready"
         except BlockingIOError:
             return "wait"
+        except (ConnectionResetError, ConnectionAbortedError):
+            return ""  # the client went away: a normal event, not worth a log line
         except OSError as exc:
             return f"error before its request: {exc.strerror or exc}"
-        if not peeked:
+        if not got:
             return ""
-        if b"\n" in peeked:
-            return "ready"
-        if len(peeked) >= self.limit:
+        if got >= self.limit:
             return f"line longer than {self.limit} bytes"
         if events & (select.EPOLLRDHUP | select.EPOLLHUP):
             return "ready"  # a final line without newline: the handler gets it, then EOF
