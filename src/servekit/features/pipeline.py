@@ -71,6 +71,7 @@ log = logging.getLogger("servekit.pipeline")
 PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, ssl.SSLEOFError)
 
 _IN = select.EPOLLIN | select.EPOLLRDHUP
+_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _ARM_ONCE = select.EPOLLET | select.EPOLLONESHOT
 # Longest and shortest gap between deadline sweeps: a timeout fires at most this late.
 _SWEEP_MAX = 1.0
@@ -291,8 +292,7 @@ class ConnectionPipeline:
         self.submit = submit
         #: Seconds a parked connection may wait for its next message (None: forever).
         self.idle_timeout = idle_timeout
-        #: An object with ready(connection, events) -> verdict (see WaitForRequest in
-        #: servekit.features.limits), applied to parked connections; None: any byte.
+        #: The request wait (WaitForRequest in servekit.features.limits), if any.
         self.message_wait = message_wait
         self.epoll = select.epoll()
         #: Every open connection by descriptor. Written by the loop (admit) and by
@@ -379,11 +379,18 @@ class ConnectionPipeline:
             self._close(connection, verdict, finish_on_loop=True)
 
     def _message_ready(self, connection: Connection, events: int) -> str:
-        """'ready', 'wait' (nothing yet), 'more' (part of a message), or why to close
-        ('' when the client simply closed)."""
-        if self.message_wait is not None:
-            verdict: str = self.message_wait.ready(connection, events)
-            return verdict
+        """'ready', 'wait' (nothing yet), or '' (the client closed) for a parked connection.
+
+        A readable event without a hang-up means bytes of the next message: dispatched
+        without a system call. Only a hang-up needs a peek, to tell a last message from
+        a plain close (which the loop then handles without a thread). A whole line is
+        awaited for the first request only (WaitForRequest): a client that completed a
+        request is no longer an anonymous connection, and peeking every message of a
+        busy connection would cost a system call each; its handler reads the rest of a
+        message within idle_timeout.
+        """
+        if not events & _HANGUP and not connection.is_tls:
+            return "ready"
         return peek_ready(connection)
 
     def sweep(self) -> None:
