@@ -267,7 +267,7 @@ class LimitsMixIn(ServerFeature):
 
     def message_started(self, connection: Connection) -> None:
         super().message_started(connection)
-        if self.idle_timeout is not None:
+        if self.idle_timeout is not None and connection.request.gettimeout() != self.idle_timeout:
             connection.request.settimeout(self.idle_timeout)
         if self.request_timeout is None:
             connection.request_deadline = None

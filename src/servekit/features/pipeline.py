@@ -524,7 +524,8 @@ class ConnectionPipeline:
             # In the loop the socket is non-blocking (peeks must never wait: with a
             # timeout, Python polls before every recv, MSG_DONTWAIT or not); the handler
             # gets the timeout it had.
-            request.settimeout(connection.timeout)
+            if request.gettimeout() != connection.timeout:
+                request.settimeout(connection.timeout)  # a system call (FIONBIO): only if needed
             connection.messages += 1
             server.message_started(connection)
             error = self._one_message(connection)
