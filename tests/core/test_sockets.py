@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import socket
 
 import pytest
@@ -105,3 +106,50 @@ def test_allow_reuse_port_sets_option() -> None:
     with Shared((LOCALHOST, 0), LineEcho) as first:
         with Shared(first.server_address, LineEcho) as second:
             assert second.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+
+
+def _nodelay_of_accepted(server_class: type) -> int:
+    seen: list[int] = []
+
+    class Report(servekit.BaseRequestHandler):
+        def handle(self) -> None:
+            seen.append(self.request.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    with server_class(("127.0.0.1", 0), Report) as server:
+        with socket.create_connection(server.server_address, timeout=10):
+            server.handle_request()
+    return seen[0]
+
+
+def test_tcp_nodelay_is_on_for_accepted_connections_by_default() -> None:
+    """Accepted TCP connections have TCP_NODELAY (a documented difference from the stdlib, which leaves Nagle on)."""
+    assert _nodelay_of_accepted(servekit.TCPServer) != 0
+
+
+def test_tcp_nodelay_false_keeps_nagle() -> None:
+    """tcp_nodelay = False on the server class keeps the stdlib's behaviour."""
+
+    class Nagle(servekit.TCPServer):
+        tcp_nodelay = False
+
+    assert _nodelay_of_accepted(Nagle) == 0
+
+
+def test_disable_nagle_algorithm_on_a_unix_socket(tmp_path: pathlib.Path) -> None:
+    """disable_nagle_algorithm on a Unix-socket handler is ignored instead of failing setup() (the stdlib raises OSError)."""
+    answered: list[bytes] = []
+
+    class Handler(servekit.StreamRequestHandler):
+        disable_nagle_algorithm = True
+
+        def handle(self) -> None:
+            answered.append(self.rfile.readline())
+
+    path = str(tmp_path / "s.sock")
+    with servekit.UnixStreamServer(path, Handler) as server:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(10)
+            client.connect(path)
+            client.sendall(b"hi\n")
+            server.handle_request()
+    assert answered == [b"hi\n"]

@@ -265,6 +265,10 @@ class LimitsMixIn(ServerFeature):
                     self.pause_accepting(self._CAP)
         super().process_request(request, client_address)
 
+    def park_timeout(self) -> float | None:
+        # A parked connection is a silent one too: idle_timeout bounds it the same way.
+        return self.idle_timeout
+
     def message_started(self, connection: Connection) -> None:
         super().message_started(connection)
         if self.idle_timeout is not None and connection.request.gettimeout() != self.idle_timeout:

@@ -552,6 +552,12 @@ class ConnectionPipeline:
         except Exception as exc:
             self._report(connection, exc)
             return True
+        except BaseException:
+            # SystemExit, KeyboardInterrupt: close the connection, then let it propagate
+            # as ThreadingMixIn does (the pool worker survives and logs it).
+            connection.outcome = "error"
+            self._close(connection, "")
+            raise
         return False
 
     def _run_whole(self, connection: Connection) -> None:
@@ -567,16 +573,7 @@ class ConnectionPipeline:
 
     def _report(self, connection: Connection, exc: Exception) -> None:
         connection.outcome = outcome_of(exc)
-        if isinstance(exc, PEER_GONE):
-            log.debug("%s: the client went away (%s)", format_peer(connection.client_address), exc)
-        elif isinstance(exc, TimeoutError):
-            timeout = connection.request.gettimeout()
-            log.info(
-                "%s: silent for longer than the read timeout of %ss; closing",
-                format_peer(connection.client_address),
-                "?" if timeout is None else f"{timeout:g}",
-            )
-        else:
+        if not report_peer_exception(connection, exc):
             self.server.handle_error(connection.request, connection.client_address)
 
     def _parkable_factory(self) -> Any:
@@ -731,6 +728,30 @@ class ConnectionPipeline:
     def close(self) -> None:
         self.stop()
         self.epoll.close()
+
+
+def report_peer_exception(connection: Connection, exc: BaseException) -> bool:
+    """Log a handler's exception that is the client's doing, in one line; False for any
+    other (a bug, for handle_error()).
+
+    The client went away (reset, broken pipe): debug. It was silent for longer than the
+    read timeout: info, with the timeout.
+    """
+    if isinstance(exc, PEER_GONE):
+        log.debug("%s: the client went away (%s)", format_peer(connection.client_address), exc)
+        return True
+    if isinstance(exc, TimeoutError):
+        try:
+            timeout = connection.request.gettimeout()
+        except OSError:
+            timeout = None
+        log.info(
+            "%s: silent for longer than the read timeout of %ss; closing",
+            format_peer(connection.client_address),
+            "?" if timeout is None else f"{timeout:g}",
+        )
+        return True
+    return False
 
 
 def outcome_of(exc: BaseException) -> str:
