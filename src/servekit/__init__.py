@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from servekit.features.limits import LimitsMixIn as LimitsMixIn
     from servekit.features.listeners import ListenerOptions as ListenerOptions
     from servekit.features.listeners import ListenersMixIn as ListenersMixIn
+    from servekit.features.metrics import MetricsMixIn as MetricsMixIn
     from servekit.features.pool import ThreadPoolMixIn as ThreadPoolMixIn
     from servekit.features.pool import ThreadPoolTCPServer as ThreadPoolTCPServer
     from servekit.features.pool import ThreadPoolUDPServer as ThreadPoolUDPServer
@@ -54,6 +55,7 @@ _LAZY = {
     "LimitsMixIn": "servekit.features.limits",
     "ListenersMixIn": "servekit.features.listeners",
     "ListenerOptions": "servekit.features.listeners",
+    "MetricsMixIn": "servekit.features.metrics",
     "TLSMixIn": "servekit.features.tls",
     "ProxyProtocolMixIn": "servekit.features.proxy",
 }

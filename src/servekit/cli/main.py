@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 
 import servekit
 from servekit.apps.echo import DatagramEchoHandler, EchoHandler
+from servekit.cli.logsetup import LogConfigError, configure_logging, load_log_config
 from servekit.cli.pidfile import PidFile, PidFileError
 from servekit.cli.privileges import PrivilegeError, drop_privileges, plan_credentials
 from servekit.cli.targets import TargetError, load_app, load_handler
@@ -40,6 +41,7 @@ from servekit.config.compose import Features, server_class
 from servekit.config.schema import Setting, command_settings
 from servekit.config.sources import Origin, Resolved, render, resolve, toml_value
 from servekit.features.addresses import Address, AddressError, parse_addresses
+from servekit.features.metrics import AdminBindError
 from servekit.knobs import SettingError, knobs_of
 
 __all__ = ["main"]
@@ -188,6 +190,9 @@ def _compose(resolved: Resolved, addresses: list[Address]) -> tuple[type, dict[s
         # Always: one address or several, it owns the listening-socket settings
         # (backlog, TCP options) and safe Unix socket files.
         listeners=True,
+        # Always: the access log and the shutdown's summary line. It counts requests
+        # only with --metrics-bind, since counting costs CPU per request.
+        metrics=True,
     )
     cls = server_class(features, name="ServekitServer")
     accepted = knobs_of(cls)
@@ -266,6 +271,15 @@ class _Hooks:
             f"servekit: ready: {self.cli_label} on {describe} ({mode}, pid {os.getpid()})",
             flush=True,
         )
+        # The same as a log line, for logs that are collected apart from stdout.
+        log.info(
+            "listening: %s on %s, %d worker process(es) of %d thread(s) each (pid %d)",
+            self.cli_label,
+            describe,
+            workers,
+            threads,
+            os.getpid(),
+        )
         if self.cli_notifier is not None:
             self.cli_notifier.ready(f"serving {self.cli_label} on {describe}")
 
@@ -340,6 +354,17 @@ def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
                 pidfile.check()
         except PidFileError as exc:
             raise UsageError(f"{_where(resolved, 'pid')} {values['pid']!r}: {exc}") from None
+    if values.get("log_config") is not None:
+        for name in ("log_level", "log_format"):
+            if name in resolved.explicit():
+                raise UsageError(
+                    f"{_where(resolved, name)}: not used with --log-config (the file "
+                    "configures levels and formatters)"
+                )
+        try:
+            load_log_config(values["log_config"])  # read now: `servekit config` checks it
+        except LogConfigError as exc:
+            raise UsageError(f"{_where(resolved, 'log_config')} {exc}") from None
     if args.command == "config":
         if args.print_settings:
             sys.stdout.write(render(resolved))
@@ -347,11 +372,12 @@ def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
             print("servekit: settings are valid (servekit config --print shows them)")
         return EXIT_OK
 
-    logging.basicConfig(
-        level=getattr(logging, str(values["log_level"]).upper()),
-        stream=sys.stderr,
-        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        configure_logging(
+            str(values["log_level"]), str(values["log_format"]), values.get("log_config")
+        )
+    except LogConfigError as exc:
+        raise UsageError(f"{_where(resolved, 'log_config')} {exc}") from None
     for warning in resolved.warnings:
         log.warning("%s", warning)
     if args.command == "echo":
@@ -378,6 +404,8 @@ def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
         server = cls(server_address, handler, **kwargs)
     except OSError as exc:
         where = ", ".join(str(a) for a in addresses)
+        if isinstance(exc, AdminBindError):
+            where = f"--metrics-bind {exc.address}"
         print(f"servekit: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILURE
     poll_interval = 0.5

@@ -5,6 +5,8 @@
 # uses it, and users who build servers from configuration can too:
 #
 #   PreforkMixIn       replaces the loop in the parent; everything below runs in workers
+#   MetricsMixIn       counts through every hook, before the features that act on them;
+#                      its admin listener runs in the process that owns the listeners
 #   ListenersMixIn     several listening sockets, inherited sockets
 #   LimitsMixIn        connection cap, waiting for the first request, idle timeouts:
 #                      before anything reads the socket
@@ -32,6 +34,7 @@ class Features:
     proxy: bool = False
     limits: bool = False
     listeners: bool = False
+    metrics: bool = False
 
 
 def socket_server_type(kind: str) -> type[TCPServer]:
@@ -51,6 +54,7 @@ def feature_classes() -> list[type]:
     """Every production mix-in, in composition order (for settings and docs)."""
     from servekit.features.limits import LimitsMixIn
     from servekit.features.listeners import ListenersMixIn
+    from servekit.features.metrics import MetricsMixIn
     from servekit.features.pool import ThreadPoolMixIn
     from servekit.features.proxy import ProxyProtocolMixIn
     from servekit.features.tls import TLSMixIn
@@ -58,6 +62,7 @@ def feature_classes() -> list[type]:
 
     return [
         PreforkMixIn,
+        MetricsMixIn,
         ListenersMixIn,
         LimitsMixIn,
         ProxyProtocolMixIn,
@@ -71,9 +76,10 @@ def server_class(features: Features, *, name: str = "Server") -> type[TCPServer]
 
     Every server gets a bounded thread pool; the rest is as features says.
     """
-    prefork, listeners, limits, proxy, tls, pool = feature_classes()
+    prefork, metrics, listeners, limits, proxy, tls, pool = feature_classes()
     wanted = [
         (prefork, features.workers > 1),
+        (metrics, features.metrics),
         (listeners, features.listeners),
         (limits, features.limits),
         (proxy, features.proxy),

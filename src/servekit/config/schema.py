@@ -22,6 +22,7 @@ from servekit.knobs import Knob, SettingError, ValueType, kind_of_value, knob, k
 __all__ = [
     "COMMANDS",
     "DEFAULT_BIND",
+    "LOG_FORMATS",
     "LOG_LEVELS",
     "ServerSettings",
     "Setting",
@@ -32,6 +33,7 @@ __all__ = [
 
 DEFAULT_BIND = "127.0.0.1:8000"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 #: The commands that run a server; `config` reads the same settings.
 COMMANDS = ("echo", "serve", "wsgi")
 
@@ -121,6 +123,21 @@ class ServerSettings:
         section="server",
     )
     log_level: str = knob("info", "log verbosity on stderr", choices=LOG_LEVELS, section="server")
+    log_format: str = knob(
+        "text",
+        "how log lines on stderr look: text, or json (one object per line: time, level, "
+        "logger, message, pid, and the record's extra fields)",
+        choices=LOG_FORMATS,
+        section="server",
+    )
+    log_config: str | None = knob(
+        None,
+        "configure logging from this file instead (logging.config.dictConfig, as .json "
+        "or .toml); --log-level and --log-format are then refused",
+        parse=path,
+        metavar="FILE",
+        section="server",
+    )
     pid: str | None = knob(
         None,
         "write the server's process id to this file once it listens (after switching "

@@ -18,6 +18,9 @@
 # the worker, blocking with their deadlines, before the handler.
 #
 # The shutdown sequence, in this order, once (server_close() is idempotent):
+#   0. make the kernel stop completing new connections on     stop_admitting()
+#      the listeners (they stay open: closing would reset
+#      what is queued), so step 1 can take all there is
 #   1. stop accepting: take what the kernel already queued   accept_backlog()
 #      and serve it (each connection once, no keep-alive)
 #   2. close the listening stream sockets                      stop_listening()
@@ -31,6 +34,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from servekit.features.admission import refuse_new_connections
 from servekit.features.connection import Connection, _set_current, current_connection
 from servekit.features.pipeline import Stage, outcome_of, run_stages_blocking
 from servekit.knobs import Configurable
@@ -60,8 +64,8 @@ class ServerFeature(Configurable, _MixinBase):
     - connection_stages() -> list of Stage: the preamble a connection goes through
     - connection_opened(connection) / connection_closed(connection)
     - message_started(connection)
-    - accept_backlog(), stop_listening(), close_idle_connections(), drain(),
-      release(): the steps of server_close(), in that order
+    - stop_admitting(), accept_backlog(), stop_listening(), close_idle_connections(),
+      drain(), release(): the steps of server_close(), in that order
     """
 
     #: Place in the bases; ServerFeature itself has none.
@@ -130,6 +134,16 @@ class ServerFeature(Configurable, _MixinBase):
 
     # -- the shutdown sequence -----------------------------------------------------------
 
+    def stop_admitting(self) -> None:
+        """Step 0: make the kernel drop new connection attempts on the listening TCP
+        sockets, which stay open, so that accept_backlog() takes every connection the
+        kernel will ever queue and stop_listening() resets none. May be extended."""
+        if self.socket_type != socket.SOCK_STREAM:
+            return
+        for source in self.accept_sources():
+            sock = source if isinstance(source, socket.socket) else source.socket
+            refuse_new_connections(sock)
+
     def accept_backlog(self) -> None:
         """Step 1: take connections already queued by the kernel. May be extended."""
 
@@ -154,6 +168,7 @@ class ServerFeature(Configurable, _MixinBase):
             return
         self.__dict__["_servekit_closed"] = True
         try:
+            self.stop_admitting()
             self.accept_backlog()
             self.stop_listening()
             self.close_idle_connections()

@@ -23,6 +23,10 @@ import logging
 import os
 import signal
 import socket
+import sys
+import threading
+import time
+import traceback
 from typing import Any
 
 from servekit.core.wakeup import Wakeup
@@ -62,6 +66,8 @@ class PreforkMixIn(ServerFeature):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._worker_context: WorkerContext | None = None
         self._supervisor: Supervisor | None = None
+        self._stopping_since: float | None = None
+        self._stuck_reported: float | None = None
         super().__init__(*args, **kwargs)
 
     workers: int = knob(2, "number of worker processes", check=positive, section="prefork")
@@ -73,7 +79,8 @@ class PreforkMixIn(ServerFeature):
     )
     worker_timeout: float | None = knob(
         30.0,
-        "seconds without a heartbeat from a worker's loop before it is killed (None: never)",
+        "seconds a worker's loop may go without a heartbeat, or every one of its pool "
+        "threads stay in the same handler, before the worker is replaced (None: never)",
         check=optional_positive,
         parse=parse_optional_float,
         section="prefork",
@@ -107,6 +114,11 @@ class PreforkMixIn(ServerFeature):
     def supervisor(self) -> Supervisor | None:
         """The running supervisor, in the parent while serve_forever() runs."""
         return getattr(self, "_supervisor", None)
+
+    @property
+    def stopping_since(self) -> float | None:
+        """In the parent: time.monotonic() when the graceful or fast stop began, or None."""
+        return getattr(self, "_stopping_since", None)
 
     def server_bind(self) -> None:
         if self.reuse_port:
@@ -167,6 +179,11 @@ class PreforkMixIn(ServerFeature):
         """Called in the parent when a graceful or fast stop begins. May be overridden."""
 
     def _on_supervisor_stop(self) -> None:
+        self._stopping_since = time.monotonic()
+        if not self.reuse_port:
+            # The whole server stops: shut the shared listener's door before the
+            # workers drain its queue (see stop_admitting()).
+            super().stop_admitting()
         # Stopping: refuse new connections at once instead of letting them queue in a
         # backlog that no worker will accept from (they would be reset later).
         for sock in getattr(self, "sockets", None) or [self.socket]:
@@ -208,7 +225,15 @@ class PreforkMixIn(ServerFeature):
     def _open_worker_listener(self) -> None:
         # The listener code builds it, so it gets the same options as every listener
         # (TCP_NODELAY, keep-alive, backlog, IPV6_V6ONLY), plus SO_REUSEPORT.
-        options = self if isinstance(self, ListenerOptions) else ListenerOptions(so_reuseport=True)
+        options = (
+            self
+            if isinstance(self, ListenerOptions)
+            else ListenerOptions(
+                so_reuseport=True,
+                backlog=self.request_queue_size,
+                tcp_nodelay=getattr(self, "tcp_nodelay", True),
+            )
+        )
         host, port = self.server_address[0], self.server_address[1]
         address = f"tcp://[{host}]:{port}" if ":" in str(host) else f"tcp://{host}:{port}"
         [listener] = bind_listeners([address], options, stream=True, nonblocking=True)
@@ -218,6 +243,13 @@ class PreforkMixIn(ServerFeature):
             listeners[0].socket = listener.socket  # ListenersMixIn serves from its list
         inherited.close()
 
+    def stop_admitting(self) -> None:
+        # Without reuse_port a worker shares the listener with its siblings, and the
+        # door is the parent's to shut when the whole server stops: a worker that
+        # retires, or is replaced by a reload, must not refuse connections for all.
+        if self.worker_context is not None and self.reuse_port:
+            super().stop_admitting()
+
     def accept_backlog(self) -> None:
         # In the parent the listener is the workers': it accepts nothing itself.
         if self.worker_context is not None:
@@ -226,8 +258,63 @@ class PreforkMixIn(ServerFeature):
     def service_actions(self) -> None:
         context = self.worker_context
         if context is not None:
-            context.heartbeat()
+            context.heartbeat(self._alive_since())
         super().service_actions()
+
+    def _alive_since(self) -> float:
+        """The heartbeat to publish: now, or, while every thread of the pool runs a
+        handler, the moment the last of them started it.
+
+        A worker whose loop turns but whose every thread hangs in a handler serves
+        nobody (it stopped accepting when the pool filled), so the heartbeat stays at
+        the moment the pool filled and the supervisor replaces the worker once that is
+        worker_timeout old, as gunicorn replaces a worker stuck in a request. One
+        handler finishing frees a thread and the heartbeat is current again.
+        """
+        now = time.monotonic()
+        pool = getattr(self, "pool", None)  # ThreadPoolMixIn's; other concurrency has none
+        timeout = self.worker_timeout
+        if pool is None or timeout is None or pool.busy < pool.max_threads:
+            self._stuck_reported = None
+            return now
+        running = pool.running_since()
+        if len(running) < pool.max_threads:
+            return now  # tasks submitted but not started yet: the pool is not stuck
+        since: float = max(running)
+        if self._stuck_reported != since:
+            # Report the stacks before the supervisor's SIGKILL (which nobody can log
+            # from inside): at half the timeout, from a timer on this loop, so that the
+            # report does not depend on how often the loop turns.
+            self._stuck_reported = since
+            self.call_at(since + timeout / 2, lambda: self._report_stuck(since))
+        return since
+
+    def _report_stuck(self, since: float) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is None or pool.busy < pool.max_threads:
+            return
+        running = pool.running_since()
+        if len(running) < pool.max_threads or max(running) != since:
+            return  # a thread freed up in the meantime: not stuck after all
+        frames = sys._current_frames()
+        stacks = []
+        for thread in threading.enumerate():
+            frame = frames.get(thread.ident or -1)
+            if frame is not None and thread.name.startswith(pool.name + "-"):
+                stack = "".join(traceback.format_stack(frame))
+                stacks.append(f"thread {thread.name}:\n{stack.rstrip()}")
+        context = self.worker_context
+        log.error(
+            "worker %d (pid %d): all %d threads have been in a handler for %.1fs; the "
+            "supervisor replaces this worker when that reaches worker_timeout=%ss. "
+            "Where they are:\n%s",
+            -1 if context is None else context.index,
+            os.getpid(),
+            pool.max_threads,
+            time.monotonic() - since,
+            self.worker_timeout,
+            "\n".join(stacks),
+        )
 
     def process_request(self, request: Any, client_address: Any) -> None:
         context = self.worker_context

@@ -67,6 +67,7 @@ __all__ = [
     "EXIT_BOOT_ERROR",
     "EXIT_CRASH",
     "EXIT_OK",
+    "RESTART_CAUSES",
     "Supervisor",
     "SupervisorError",
     "WorkerContext",
@@ -90,6 +91,16 @@ MAX_BOOT_ERRORS = 5
 
 # <linux/prctl.h>: the signal a process receives when its parent (thread) dies.
 PR_SET_PDEATHSIG = 1
+
+# Why a worker was replaced while the supervisor kept running (Supervisor.counters.restarts):
+RESTART_CAUSES = (
+    "crash",  # died on its own with a failure exit code or a signal
+    "boot-error",  # failed before serving (EXIT_BOOT_ERROR)
+    "exit",  # exited 0 without being asked to
+    "timeout",  # killed: stuck (no heartbeat) or slow to start, for worker_timeout
+    "max-requests",  # retired after max_requests
+    "reload",  # replaced by a new generation (SIGHUP)
+)
 
 # Crash-loop back-off: a worker that dies within CRASH_WINDOW seconds of starting is
 # "crashing young"; the n-th consecutive one waits RESTART_DELAY_MIN * 2**(n-1), capped.
@@ -253,6 +264,8 @@ class _Counters:
     crashed: int = 0
     killed_stuck: int = 0
     restarts_delayed: int = 0
+    #: Workers that ended and were replaced, by cause (see RESTART_CAUSES).
+    restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESTART_CAUSES, 0))
     exit_codes: deque[int] = field(default_factory=lambda: deque(maxlen=64))
 
 
@@ -329,6 +342,22 @@ class Supervisor:
     @property
     def running(self) -> bool:
         return self._state in (_SupervisorState.RUNNING, _SupervisorState.STOPPING)
+
+    @property
+    def stopping(self) -> bool:
+        """True once a graceful or fast stop began (workers draining or exiting)."""
+        return self._state in (_SupervisorState.STOPPING, _SupervisorState.STOPPING_FAST)
+
+    @property
+    def serving_workers(self) -> int:
+        """Workers that say they serve and are not on their way out (for readiness)."""
+        serving = 0
+        for worker in list(self._workers.values()):
+            if worker.stop_sent is not None or worker.retiring or worker.killed:
+                continue
+            if self._slots.read(worker.index)[2] is WorkerState.SERVING:
+                serving += 1
+        return serving
 
     def stop(self, graceful: bool = True, wait: bool = True, timeout: float | None = None) -> None:
         """Stop from another thread (or a signal handler with wait=False)."""
@@ -695,6 +724,10 @@ class Supervisor:
         _beat, _requests, state = self._slots.read(worker.index)
         expected = worker.stop_sent is not None or worker.retiring or worker.killed
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        if self._state is _SupervisorState.RUNNING:
+            cause = self._restart_cause(worker, code)
+            if cause is not None:
+                self.counters.restarts[cause] += 1
         if expected or code == EXIT_OK:
             log.info("%s: worker %d (pid %d) exited (%s)", self.name, worker.index, pid, how)
             if code == EXIT_OK and not expected and self._state is _SupervisorState.RUNNING:
@@ -722,6 +755,19 @@ class Supervisor:
             log.warning("%s: crash loop: next worker in %.2fs", self.name, delay)
         else:
             self._young_crashes = 0
+
+    def _restart_cause(self, worker: _Worker, code: int) -> str | None:
+        """Why a worker that just exited will be replaced; None if it will not be
+        (removed by SIGTTOU)."""
+        if worker.retiring:
+            return "max-requests"
+        if worker.stop_sent is not None:
+            return "reload" if worker.generation < self._generation else None
+        if worker.killed:
+            return "timeout"
+        if code == EXIT_OK:
+            return "exit"
+        return "boot-error" if code == EXIT_BOOT_ERROR else "crash"
 
     def _progress_reload(self, now: float) -> None:
         """After SIGHUP: once the new generation serves, stop the old one gracefully."""
