@@ -490,3 +490,53 @@ def test_message_loop_of_recognises_only_unmodified_loops() -> None:
     assert message_loop_of(Wrapped) is None
     assert message_loop_of(servekit.StreamRequestHandler) is None
     assert message_loop_of(io.BytesIO) is None
+
+
+def test_read_timeout_on_a_threading_server_is_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """Without the pipeline (ThreadingMixIn), a handler's read that hits idle_timeout is one info line, not a handle_error() traceback."""
+    errors: list[object] = []
+
+    class Server(LimitsMixIn, servekit.ThreadingMixIn, servekit.TCPServer):
+        def handle_error(self, request: object, client_address: object) -> None:
+            errors.append(client_address)
+
+    with caplog.at_level(logging.INFO, logger="servekit"):
+        with Server((LOCALHOST, 0), EchoHandler, idle_timeout=0.3) as server, serving(server):
+            with connect(server.server_address, TIMEOUT) as sock:
+                assert exchange(sock, b"one\n") == b"one\n"
+                assert closed_by_peer(sock, TIMEOUT)
+    assert errors == []
+    assert "silent for longer than the read timeout of 0.3s" in caplog.text
+
+
+def test_idle_timeout_applies_to_parked_connections_without_a_request_wait(
+    counting: type[Counting],
+) -> None:
+    """With wait_for_request='none', idle_timeout still closes a connection parked between messages."""
+    with (
+        LimitsPool((LOCALHOST, 0), counting, idle_timeout=0.3, wait_for_request="none") as server,
+        serving(server),
+    ):
+        with connect(server.server_address, TIMEOUT) as sock:
+            assert exchange(sock, b"hi\n") == b"1 hi\n"
+            assert closed_by_peer(sock, TIMEOUT)
+
+
+def test_system_exit_in_a_message_closes_the_connection() -> None:
+    """A SystemExit raised by handle_one_request() closes the connection (the client is not left hanging) and the pool keeps serving."""
+
+    class Exits(MessageHandler):
+        def handle_one_request(self) -> None:
+            line = self.rfile.readline()
+            if line == b"exit\n":
+                raise SystemExit(3)
+            self.close_connection = not line
+            self.wfile.write(line)
+
+    with ThreadPoolTCPServer((LOCALHOST, 0), Exits, max_threads=1) as server, serving(server):
+        with connect(server.server_address, TIMEOUT) as sock:
+            assert exchange(sock, b"a\n") == b"a\n"
+            sock.sendall(b"exit\n")
+            assert closed_by_peer(sock, TIMEOUT)
+        with connect(server.server_address, TIMEOUT) as sock:
+            assert exchange(sock, b"b\n") == b"b\n"

@@ -36,7 +36,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from servekit.features.admission import refuse_new_connections
 from servekit.features.connection import Connection, _set_current, current_connection
-from servekit.features.pipeline import Stage, outcome_of, run_stages_blocking
+from servekit.features.pipeline import (
+    Stage,
+    outcome_of,
+    report_peer_exception,
+    run_stages_blocking,
+)
 from servekit.knobs import Configurable
 
 if TYPE_CHECKING:
@@ -90,6 +95,13 @@ class ServerFeature(Configurable, _MixinBase):
     def message_started(self, connection: Connection) -> None:
         """Called on the handler's thread before it reads each message. May be extended."""
 
+    def park_timeout(self) -> float | None:
+        """Seconds a connection may stay parked between messages (None: until shutdown).
+
+        May be extended; LimitsMixIn returns its idle_timeout.
+        """
+        return None
+
     # -- the handler ---------------------------------------------------------------------
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -121,6 +133,10 @@ class ServerFeature(Configurable, _MixinBase):
             self.message_started(connection)
             connection.messages = 1
             super().finish_request(connection.request, connection.client_address)
+        except Exception as exc:
+            connection.outcome = outcome_of(exc)
+            if not report_peer_exception(connection, exc):
+                raise  # a bug of the handler: the concurrency mix-in calls handle_error()
         except BaseException as exc:
             connection.outcome = outcome_of(exc)
             raise

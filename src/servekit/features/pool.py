@@ -428,7 +428,7 @@ class ThreadPoolMixIn(ServerFeature):
                 self,
                 stages,
                 pool.submit,
-                idle_timeout=getattr(between, "idle_timeout", None),
+                idle_timeout=self.park_timeout(),
                 message_wait=between,
             )
             pipeline.start()
