@@ -156,6 +156,7 @@ class PreforkMixIn(ServerFeature):
             on_stop=self._on_supervisor_stop,
             on_tick=self.supervisor_tick,
             name=type(self).__name__,
+            hold_signals=True,  # _worker_main releases them once its handlers are set
         )
         self._supervisor = supervisor
         try:
@@ -206,6 +207,7 @@ class PreforkMixIn(ServerFeature):
         signal.signal(signal.SIGQUIT, lambda signum, frame: os._exit(EXIT_OK))
         for ignored in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(ignored, signal.SIG_IGN)
+        context.release_signals()
         try:
             if self.reuse_port:
                 self._open_worker_listener()

@@ -221,6 +221,15 @@ class WorkerContext:
         self.max_requests = max_requests
         self.requests = 0
         self.state = WorkerState.STARTING
+        #: Signals blocked since before the fork (see Supervisor._spawn()).
+        self._held: tuple[int, ...] = ()
+
+    def release_signals(self) -> None:
+        """Unblock the signals held since the fork; call once the worker's own handlers
+        are installed. A SIGTERM the supervisor sent in between is delivered now."""
+        held, self._held = self._held, ()
+        if held:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
     def heartbeat(self, now: float | None = None) -> None:
         """Tell the supervisor this worker's loop is alive. Call on every loop turn."""
@@ -291,10 +300,15 @@ class Supervisor:
         on_stop: Callable[[], None] | None = None,
         on_tick: Callable[[], None] | None = None,
         name: str = "servekit",
+        hold_signals: bool = False,
     ) -> None:
+        """hold_signals: worker_main calls context.release_signals() itself, once its
+        signal handlers are installed; otherwise signals are released before it runs
+        (with the default dispositions)."""
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be between 1 and {MAX_WORKERS}, got {workers}")
         self.worker_main = worker_main
+        self.hold_signals = hold_signals
         self.target = workers
         self.graceful_timeout = graceful_timeout
         self.fast_timeout = fast_timeout
@@ -608,9 +622,21 @@ class Supervisor:
         sys.stdout.flush()
         sys.stderr.flush()
         supervisor_pid = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            self._become_worker(context, supervisor_pid)  # never returns
+        # Block the signals we handle across the fork: the child starts with the mask,
+        # and a SIGTERM sent to it before it has installed its own handlers (it is told
+        # to stop while starting) waits instead of reaching the parent's handlers in the
+        # child, where it would be lost. The child unblocks them with
+        # context.release_signals() once ready; the parent at once.
+        signal.pthread_sigmask(signal.SIG_BLOCK, self._HANDLED)
+        pid = -1
+        try:
+            pid = os.fork()
+            if pid == 0:
+                context._held = self._HANDLED
+                self._become_worker(context, supervisor_pid)  # never returns
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, self._HANDLED)
         pidfd = os.pidfd_open(pid)
         worker = _Worker(pid, pidfd, index, self._generation, now)
         self._workers[pid] = worker
@@ -634,6 +660,8 @@ class Supervisor:
             self._status_r.close()
             if self._selector is not None:
                 self._selector.close()
+            if not self.hold_signals:
+                context.release_signals()
             code = self.worker_main(context)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else EXIT_CRASH
