@@ -271,15 +271,17 @@ class LimitsMixIn(ServerFeature):
 
     def message_started(self, connection: Connection) -> None:
         super().message_started(connection)
-        if self.idle_timeout is not None and connection.request.gettimeout() != self.idle_timeout:
-            connection.request.settimeout(self.idle_timeout)
-        if self.request_timeout is None:
-            connection.request_deadline = None
+        idle, limit = self.idle_timeout, self.request_timeout
+        request = connection.request
+        if idle is not None and request.gettimeout() != idle:
+            request.settimeout(idle)
+        if limit is None:
+            deadline = None
         elif connection.messages <= 1:
-            connection.request_deadline = connection.accepted_at + self.request_timeout
+            deadline = connection.accepted_at + limit
         else:
-            connection.request_deadline = time.monotonic() + self.request_timeout
-        _local.deadline = connection.request_deadline
+            deadline = time.monotonic() + limit
+        connection.request_deadline = _local.deadline = deadline
 
     def connection_closed(self, connection: Connection) -> None:
         self._forget(connection.sock)
