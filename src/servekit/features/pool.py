@@ -228,6 +228,13 @@ class WorkerPool:
     def _sleep(self, worker: _Worker) -> bool:
         """Wait, idle, until woken (True) or told to stop / timed out (False: exit)."""
         with self._lock:
+            if self._queue:
+                # A task was submitted after our last look at the queue (in _finished())
+                # and before we joined the idle stack, when submit() found no one to
+                # wake: take it instead of sleeping on it (also while shutting down:
+                # queued tasks still run).
+                self._searching += 1
+                return True
             if self._closing:
                 self._workers.discard(worker)
                 return False
