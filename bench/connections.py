@@ -46,6 +46,7 @@ from harness import (
     chosen,
     client_notes,
     command_line,
+    contenders_intro,
     exit_status,
     fmt_kib,
     fmt_ms,
@@ -60,6 +61,7 @@ from harness import (
     probe_tls_line,
     results_skeleton,
     run_case,
+    run_selected,
     script,
     servekit_cli,
     source_tree,
@@ -569,26 +571,20 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context("connections", pin, settings.quiet_wait, source_tree(parser, args.src), places)
     command = command_line("connections.py", argv)
     results = results_skeleton(command, args.quick, pin, asdict(settings), ["uvloop"])
-    started = time.monotonic()
-    for scenario in selected:
-        runs = results["runs"].setdefault(scenario.name, {})
-        for name in scenario.contenders:
-            if name not in only:
-                continue
-            runs[name] = run_one(scenario, SERVERS[name], ctx, settings)
-            print(summary(scenario, name, runs[name]), flush=True)
-    results["elapsed_s"] = round(time.monotonic() - started, 1)
-    results["contenders"] = {n: s.description for n, s in SERVERS.items()}
-    intro = [
+    run_selected(
+        selected,
+        only,
+        SERVERS,
+        results,
+        run_one=lambda scenario, server: run_one(scenario, server, ctx, settings),
+        summary=summary,
+    )
+    intro = contenders_intro(
         "Issue 10's connection scenarios: the server on one CPU, the clients (this driver, or "
         "bench/build/loadgen) on the other. Contenders:",
-        "",
-        *[
-            f"- `{n}`: {s.description}"
-            for n, s in SERVERS.items()
-            if any(n in r for r in results["runs"].values())
-        ],
-    ]
+        SERVERS,
+        results,
+    )
     write_report(
         args.out,
         stem="connections",

@@ -968,3 +968,41 @@ def exit_status(results: dict[str, Any]) -> int:
 def command_line(script_name: str, argv: list[str] | None) -> str:
     given = sys.argv[1:] if argv is None else argv
     return shlex.join(["python", f"bench/{script_name}", *given])
+
+
+def run_selected(
+    selected: list[Any],
+    only: Any,
+    servers: dict[str, Server],
+    results: dict[str, Any],
+    *,
+    run_one: Callable[[Any, Server], dict[str, Any]],
+    summary: Callable[[Any, str, dict[str, Any]], str],
+) -> None:
+    """Run every chosen contender of every chosen scenario, printing a line each; record
+    the runs, the elapsed time and the contenders' descriptions in results."""
+    started = time.monotonic()
+    for scenario in selected:
+        runs = results["runs"].setdefault(scenario.name, {})
+        for name in scenario.contenders:
+            if name not in only:
+                continue
+            runs[name] = run_one(scenario, servers[name])
+            print(summary(scenario, name, runs[name]), flush=True)
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    results["contenders"] = {n: s.description for n, s in servers.items()}
+
+
+def contenders_intro(
+    headline: str, servers: dict[str, Server], results: dict[str, Any]
+) -> list[str]:
+    """A report's opening lines: headline, then each contender that ran, described."""
+    return [
+        headline,
+        "",
+        *[
+            f"- `{n}`: {s.description}"
+            for n, s in servers.items()
+            if any(n in r for r in results["runs"].values())
+        ],
+    ]

@@ -6,7 +6,8 @@ import contextlib
 import select
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from servekit.core.server import BaseServer
@@ -16,8 +17,10 @@ __all__ = [
     "LOCALHOST_V6",
     "closed_by_peer",
     "connect",
+    "exchange_line",
     "has_ipv6_loopback",
     "serving",
+    "wait_until",
 ]
 
 LOCALHOST = "127.0.0.1"
@@ -84,3 +87,30 @@ def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
         return sock.recv(1) == b""
     except ConnectionError:
         return True
+
+
+def exchange_line(sock: socket.socket, line: bytes) -> bytes:
+    """Send line and read until a newline arrives (or the peer closes); bounded by the
+    socket's timeout."""
+    sock.sendall(line)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll predicate() every 10 ms until it holds (True) or timeout passes (False).
+
+    For state that has no event to wait on, such as a server's counters.
+    """
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        pause.wait(0.01)
+    return True

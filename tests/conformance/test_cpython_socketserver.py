@@ -50,32 +50,38 @@ def _interpreter(minor: str) -> str | None:
     return None
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("minor", REQUIRED)
-def test_cpython_test_socketserver_passes(minor: str) -> None:
-    """Every test of the interpreter's own test_socketserver passes on servekit, none skipped."""
+def _run(minor: str, runner: Path, timeout: float) -> tuple[dict[str, object], int, str]:
+    """Run a conformance runner on Python minor: its summary, exit status and stderr."""
     python = _interpreter(minor)
     if python is None:
         if os.environ.get("CI"):
             pytest.fail(f"Python {minor} is required in CI but is not installed")
         pytest.skip(f"Python {minor} is not installed here")
     proc = subprocess.run(
-        [python, str(RUNNER)],
+        [python, str(runner)],
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=timeout,
         env={**os.environ, "SERVEKIT_SRC": str(SRC)},
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CONFORMANCE ")]
     assert lines, f"no summary; stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
-    summary = json.loads(lines[-1].removeprefix("CONFORMANCE "))
-    assert summary["python"].startswith(minor + ".")
-    assert Path(summary["servekit"]).resolve().parent == SRC / "servekit"
+    summary: dict[str, object] = json.loads(lines[-1].removeprefix("CONFORMANCE "))
+    assert str(summary["python"]).startswith(minor + ".")
+    return summary, proc.returncode, proc.stderr[-4000:]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("minor", REQUIRED)
+def test_cpython_test_socketserver_passes(minor: str) -> None:
+    """Every test of the interpreter's own test_socketserver passes on servekit, none skipped."""
+    summary, returncode, stderr = _run(minor, RUNNER, 170)
+    assert Path(str(summary["servekit"])).resolve().parent == SRC / "servekit"
     assert summary["servers_constructed"] > 0
     assert summary["skipped"] == []
-    assert (summary["failures"], summary["errors"]) == (0, 0), proc.stderr[-4000:]
+    assert (summary["failures"], summary["errors"]) == (0, 0), stderr
     assert summary["run"] >= 27
-    assert proc.returncode == 0
+    assert returncode == 0
 
 
 STDLIB_SERVERS_RUNNER = Path(__file__).with_name("run_cpython_stdlib_servers.py")
@@ -85,23 +91,8 @@ STDLIB_SERVERS_RUNNER = Path(__file__).with_name("run_cpython_stdlib_servers.py"
 @pytest.mark.parametrize("minor", REQUIRED)
 def test_cpython_http_xmlrpc_wsgiref_suites_pass_through_install(minor: str) -> None:
     """The interpreter's own test_httpservers, test_xmlrpc and test_wsgiref pass with servekit installed under them."""
-    python = _interpreter(minor)
-    if python is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"Python {minor} is required in CI but is not installed")
-        pytest.skip(f"Python {minor} is not installed here")
-    proc = subprocess.run(
-        [python, str(STDLIB_SERVERS_RUNNER)],
-        capture_output=True,
-        text=True,
-        timeout=290,
-        env={**os.environ, "SERVEKIT_SRC": str(SRC)},
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CONFORMANCE ")]
-    assert lines, f"no summary; stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
-    summary = json.loads(lines[-1].removeprefix("CONFORMANCE "))
-    assert summary["python"].startswith(minor + ".")
+    summary, returncode, stderr = _run(minor, STDLIB_SERVERS_RUNNER, 290)
     assert summary["servers_constructed"] > 0
-    assert (summary["failures"], summary["errors"]) == ([], []), proc.stderr[-4000:]
+    assert (summary["failures"], summary["errors"]) == ([], []), stderr
     assert summary["run"] >= 150
-    assert proc.returncode == 0
+    assert returncode == 0

@@ -6,8 +6,7 @@ import http.client
 import logging
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ from servekit.features.limits import LimitsMixIn
 from servekit.features.metrics import SLOTS, MetricsMixIn, exposition
 from servekit.features.pool import ThreadPoolMixIn
 from servekit.process.supervisor import MAX_WORKERS
-from servekit.testing import LOCALHOST, connect, serving
+from servekit.testing import LOCALHOST, connect, exchange_line, serving, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,27 +52,6 @@ def metric(server: MetricsMixIn, name: str, **labels: str) -> float:
     return samples_of(server)[(name, tuple(sorted(labels.items())))]
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    """Poll until predicate() holds; bounded (counters have no event to wait on)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        threading.Event().wait(0.01)
-    return True
-
-
-def exchange(sock: socket.socket, line: bytes) -> bytes:
-    sock.sendall(line)
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 @pytest.fixture
 def access_records() -> Iterator[list[logging.LogRecord]]:
     records: list[logging.LogRecord] = []
@@ -98,8 +76,8 @@ def test_counts_connections_messages_and_outcomes() -> None:
     with make() as server, serving(server):
         for number in range(10):
             with connect(server.server_address, TIMEOUT) as sock:
-                assert exchange(sock, b"a%d\n" % number) == b"a%d\n" % number
-                assert exchange(sock, b"b%d\n" % number) == b"b%d\n" % number
+                assert exchange_line(sock, b"a%d\n" % number) == b"a%d\n" % number
+                assert exchange_line(sock, b"b%d\n" % number) == b"b%d\n" % number
         assert wait_until(
             lambda: metric(server, "servekit_connections_closed_total", outcome="done") == 10
         )
@@ -114,10 +92,10 @@ def test_handler_duration_leaves_out_the_wait_between_messages() -> None:
     """A keep-alive client that thinks 0.4 s between two lines: the two handler durations add up to far less than that, since the connection waited parked, not in the handler."""
     with make() as server, serving(server):
         with connect(server.server_address, TIMEOUT) as sock:
-            assert exchange(sock, b"one\n") == b"one\n"
+            assert exchange_line(sock, b"one\n") == b"one\n"
             assert wait_until(lambda: server.parked_connections == 1)
             threading.Event().wait(0.4)  # the client's think time: the scenario itself
-            assert exchange(sock, b"two\n") == b"two\n"
+            assert exchange_line(sock, b"two\n") == b"two\n"
         assert wait_until(lambda: metric(server, "servekit_handler_duration_seconds_count") == 2)
         assert metric(server, "servekit_handler_duration_seconds_sum") < 0.2
         assert metric(server, "servekit_handler_duration_seconds_bucket", le="0.25") == 2
@@ -167,7 +145,7 @@ def test_timeouts_are_counted_by_cause() -> None:
             connect(server.server_address, TIMEOUT) as silent,
             connect(server.server_address, TIMEOUT) as idle,
         ):
-            assert exchange(idle, b"hello\n") == b"hello\n"
+            assert exchange_line(idle, b"hello\n") == b"hello\n"
             assert silent.recv(10) == b""
             assert idle.recv(10) == b""
         assert wait_until(
@@ -186,7 +164,7 @@ def test_gauges_follow_the_pool_and_the_pipeline() -> None:
         clients = [connect(server.server_address, TIMEOUT) for _ in range(3)]
         try:
             for sock in clients:
-                assert exchange(sock, b"x\n") == b"x\n"
+                assert exchange_line(sock, b"x\n") == b"x\n"
             assert wait_until(lambda: metric(server, "servekit_connections_parked") == 3)
             assert metric(server, "servekit_connections_open") == 3
             assert metric(server, "servekit_pool_threads_max") == 4
@@ -201,7 +179,7 @@ def test_nothing_is_counted_unless_someone_can_read_it() -> None:
     """Without metrics_bind or collect_metrics the hooks count nothing (per-message counting is not free)."""
     with make(collect_metrics=False) as server, serving(server):
         with connect(server.server_address, TIMEOUT) as sock:
-            assert exchange(sock, b"x\n") == b"x\n"
+            assert exchange_line(sock, b"x\n") == b"x\n"
         assert metric(server, "servekit_connections_accepted_total") == 0
         assert metric(server, "servekit_messages_total") == 0
 
@@ -227,8 +205,8 @@ def test_access_log_has_one_line_per_connection(access_records: list[logging.Log
     """access_log: one record per connection at close, with client, listener, messages, duration and outcome as fields."""
     with make(access_log=True, collect_metrics=False) as server, serving(server):
         with connect(server.server_address, TIMEOUT) as sock:
-            assert exchange(sock, b"a\n") == b"a\n"
-            assert exchange(sock, b"b\n") == b"b\n"
+            assert exchange_line(sock, b"a\n") == b"a\n"
+            assert exchange_line(sock, b"b\n") == b"b\n"
             local = sock.getsockname()
         assert wait_until(lambda: len(access_records) == 1)
     [record] = access_records
@@ -298,7 +276,7 @@ def test_shutdown_ends_with_one_summary_line(caplog: pytest.LogCaptureFixture) -
     with caplog.at_level(logging.INFO, logger="servekit.metrics"):
         with make(collect_metrics=False) as server, serving(server):
             with connect(server.server_address, TIMEOUT) as sock:
-                assert exchange(sock, b"x\n") == b"x\n"
+                assert exchange_line(sock, b"x\n") == b"x\n"
         with make():
             pass
     summaries = [r.getMessage() for r in caplog.records if "shutdown: complete" in r.getMessage()]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from servekit.testing import wait_until
 from tests.integration.procs import ROOT, ServerProcess
 
 pytestmark = pytest.mark.timeout(90)
@@ -61,16 +62,6 @@ def value(
     samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
 ) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
-
-
-def wait_until(predicate: object, timeout: float = 10.0) -> bool:
-    """Poll until predicate() holds; bounded (a counter has no event to wait on)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            return False
-        threading.Event().wait(0.02)
-    return True
 
 
 def echo_client(port: int, line: bytes) -> bytes:

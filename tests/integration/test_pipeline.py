@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,31 +23,10 @@ from servekit.features.pool import ThreadPoolMixIn, ThreadPoolTCPServer, ThreadP
 from servekit.features.proxy import ProxyProtocolMixIn
 from servekit.features.tls import TLSMixIn
 from servekit.protocols.proxy_header import build_v2
-from servekit.testing import LOCALHOST, closed_by_peer, connect, serving
+from servekit.testing import LOCALHOST, closed_by_peer, connect, exchange_line, serving, wait_until
 from tests.tls_certs import CertSet
 
 TIMEOUT = 10.0
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    """Poll a server counter until predicate() holds; bounded in time (counters have no event)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        threading.Event().wait(0.01)
-    return True
-
-
-def exchange(sock: socket.socket, line: bytes) -> bytes:
-    sock.sendall(line)
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 class LimitsPool(LimitsMixIn, ThreadPoolMixIn, servekit.TCPServer):
@@ -96,11 +75,11 @@ def test_idle_keepalive_connections_hold_no_thread(counting: type[Counting]) -> 
         clients = [connect(server.server_address, TIMEOUT) for _ in range(60)]
         try:
             for i, sock in enumerate(clients):
-                assert exchange(sock, b"a%d\n" % i) == b"1 a%d\n" % i
+                assert exchange_line(sock, b"a%d\n" % i) == b"1 a%d\n" % i
             assert wait_until(lambda: server.parked_connections == 60)
             assert wait_until(lambda: server.pool.busy == 0)
             for i, sock in enumerate(clients):
-                assert exchange(sock, b"b%d\n" % i) == b"2 b%d\n" % i
+                assert exchange_line(sock, b"b%d\n" % i) == b"2 b%d\n" % i
         finally:
             for sock in clients:
                 sock.close()
@@ -164,17 +143,17 @@ def test_a_handler_that_loops_in_handle_keeps_its_thread() -> None:
     assert message_loop_of(Loop) is None
     with ThreadPoolTCPServer((LOCALHOST, 0), Loop, max_threads=2) as server, serving(server):
         with connect(server.server_address, TIMEOUT) as sock:
-            assert exchange(sock, b"one\n") == b"one\n"
+            assert exchange_line(sock, b"one\n") == b"one\n"
             assert server.pool.busy == 1
             assert server.parked_connections == 0
-            assert exchange(sock, b"two\n") == b"two\n"
+            assert exchange_line(sock, b"two\n") == b"two\n"
 
 
 def test_parked_connection_is_closed_at_idle_timeout(counting: type[Counting]) -> None:
     """A parked connection silent for idle_timeout is closed, and its handler's finish() runs once."""
     with LimitsPool((LOCALHOST, 0), counting, idle_timeout=0.3) as server, serving(server):
         with connect(server.server_address, TIMEOUT) as sock:
-            assert exchange(sock, b"hi\n") == b"1 hi\n"
+            assert exchange_line(sock, b"hi\n") == b"1 hi\n"
             started = time.monotonic()
             assert closed_by_peer(sock, TIMEOUT)
             waited = time.monotonic() - started
@@ -207,7 +186,7 @@ def test_an_error_in_a_later_message_is_reported_and_closes(
 
     with Recording((LOCALHOST, 0), Fails, max_threads=1) as server, serving(server):
         with connect(server.server_address, TIMEOUT) as sock:
-            assert exchange(sock, b"ok\n") == b"ok\n"
+            assert exchange_line(sock, b"ok\n") == b"ok\n"
             sock.sendall(b"boom\n")
             assert closed_by_peer(sock, TIMEOUT)
         assert wait_until(lambda: finished == [1])
@@ -262,8 +241,8 @@ def test_current_connection_describes_the_connection() -> None:
 
     with ThreadPoolTCPServer((LOCALHOST, 0), Describe, max_threads=1) as server, serving(server):
         with connect(server.server_address, TIMEOUT) as sock:
-            assert exchange(sock, b"a\n") == b"a\n"
-            assert exchange(sock, b"b\n") == b"b\n"
+            assert exchange_line(sock, b"a\n") == b"a\n"
+            assert exchange_line(sock, b"b\n") == b"b\n"
             peer = sock.getsockname()
     assert seen == [(peer, 1, "handling"), (peer, 2, "handling")]
 
@@ -273,9 +252,9 @@ def test_unix_socket_echo_parks_too(tmp_path: Path) -> None:
     path = str(tmp_path / "echo.sock")
     with ThreadPoolUnixStreamServer(path, EchoHandler, max_threads=1) as server, serving(server):
         with connect(path, TIMEOUT) as sock:
-            assert exchange(sock, b"unix\n") == b"unix\n"
+            assert exchange_line(sock, b"unix\n") == b"unix\n"
             assert wait_until(lambda: server.parked_connections == 1)
-            assert exchange(sock, b"again\n") == b"again\n"
+            assert exchange_line(sock, b"again\n") == b"again\n"
 
 
 # -- the preamble in the loop ---------------------------------------------------------------
@@ -316,10 +295,10 @@ def test_four_features_compose_over_real_sockets(tls_certs: CertSet) -> None:
         clients = [tls_client(tls_certs, server.server_address, header) for _ in range(5)]
         try:
             for sock in clients:
-                assert exchange(sock, b"tls\n") == b"tls\n"
+                assert exchange_line(sock, b"tls\n") == b"tls\n"
             assert wait_until(lambda: server.parked_connections == 5)
             for sock in clients:
-                assert exchange(sock, b"again\n") == b"again\n"
+                assert exchange_line(sock, b"again\n") == b"again\n"
         finally:
             for sock in clients:
                 sock.close()
@@ -349,7 +328,7 @@ def test_clients_stalled_mid_client_hello_hold_no_thread(tls_certs: CertSet) -> 
                 sock.sendall(b"\x16\x03")
             started = time.monotonic()
             with tls_client(tls_certs, server.server_address) as good:
-                assert exchange(good, b"real\n") == b"real\n"
+                assert exchange_line(good, b"real\n") == b"real\n"
             assert time.monotonic() - started < 1.0
             assert all(closed_by_peer(sock, TIMEOUT) for sock in stalled)
         finally:
@@ -393,7 +372,7 @@ def test_server_close_closes_parked_connections_at_once(counting: type[Counting]
     with serving(server):
         clients = [connect(server.server_address, TIMEOUT) for _ in range(20)]
         for sock in clients:
-            assert exchange(sock, b"x\n") == b"1 x\n"
+            assert exchange_line(sock, b"x\n") == b"1 x\n"
         assert wait_until(lambda: server.parked_connections == 20)
         server.shutdown()
         started = time.monotonic()
@@ -434,7 +413,7 @@ def test_drain_waits_once_for_hung_handlers(caplog: pytest.LogCaptureFixture) ->
     try:
         with caplog.at_level(logging.WARNING, logger="servekit.pool"), serving(server):
             with connect(server.server_address, TIMEOUT) as sock:
-                assert exchange(sock, b"go\n") == b"started\n"
+                assert exchange_line(sock, b"go\n") == b"started\n"
                 server.shutdown()
                 started = time.monotonic()
                 server.server_close()
@@ -503,7 +482,7 @@ def test_read_timeout_on_a_threading_server_is_one_line(caplog: pytest.LogCaptur
     with caplog.at_level(logging.INFO, logger="servekit"):
         with Server((LOCALHOST, 0), EchoHandler, idle_timeout=0.3) as server, serving(server):
             with connect(server.server_address, TIMEOUT) as sock:
-                assert exchange(sock, b"one\n") == b"one\n"
+                assert exchange_line(sock, b"one\n") == b"one\n"
                 assert closed_by_peer(sock, TIMEOUT)
     assert errors == []
     assert "silent for longer than the read timeout of 0.3s" in caplog.text
@@ -518,7 +497,7 @@ def test_idle_timeout_applies_to_parked_connections_without_a_request_wait(
         serving(server),
     ):
         with connect(server.server_address, TIMEOUT) as sock:
-            assert exchange(sock, b"hi\n") == b"1 hi\n"
+            assert exchange_line(sock, b"hi\n") == b"1 hi\n"
             assert closed_by_peer(sock, TIMEOUT)
 
 
@@ -535,8 +514,8 @@ def test_system_exit_in_a_message_closes_the_connection() -> None:
 
     with ThreadPoolTCPServer((LOCALHOST, 0), Exits, max_threads=1) as server, serving(server):
         with connect(server.server_address, TIMEOUT) as sock:
-            assert exchange(sock, b"a\n") == b"a\n"
+            assert exchange_line(sock, b"a\n") == b"a\n"
             sock.sendall(b"exit\n")
             assert closed_by_peer(sock, TIMEOUT)
         with connect(server.server_address, TIMEOUT) as sock:
-            assert exchange(sock, b"b\n") == b"b\n"
+            assert exchange_line(sock, b"b\n") == b"b\n"

@@ -8,11 +8,13 @@
 #   MetricsMixIn       counts through every hook, before the features that act on them;
 #                      its admin listener runs in the process that owns the listeners
 #   ListenersMixIn     several listening sockets, inherited sockets
-#   LimitsMixIn        connection cap, waiting for the first request, idle timeouts:
-#                      before anything reads the socket
-#   ProxyProtocolMixIn reads the PROXY header, which precedes any TLS bytes
-#   TLSMixIn           the handshake, on the worker thread
-#   ThreadPoolMixIn    concurrency: hands each request to a pool thread
+#   LimitsMixIn        connection cap, the wait for the first request (the last preamble
+#                      stage), idle timeouts
+#   ProxyProtocolMixIn the PROXY header stage, which precedes any TLS bytes
+#   TLSMixIn           the handshake stage (waits in the loop, crypto on a pool thread)
+#   ThreadPoolMixIn    concurrency: the connection pipeline and its pool threads
+#
+# ServerFeature.__init_subclass__ refuses any other order with a TypeError.
 #   socket type        TCPServer, UDPServer, UnixStreamServer, UnixDatagramServer
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ import pwd
 from typing import Any
 
 from servekit.features.addresses import AddressError, parse_addresses
+from servekit.features.listeners import group, user
+from servekit.features.tls import path
 from servekit.knobs import Knob, SettingError, ValueType, kind_of_value, knob, knobs_of
 
 __all__ = [
@@ -51,28 +53,6 @@ def _check_addresses(value: Any) -> str | None:
     except AddressError as exc:
         return str(exc)
     return None
-
-
-def path(text: str) -> str | None:
-    """A file name; empty for none."""
-    return text or None
-
-
-def user(text: str) -> str | int | None:
-    """A user name or uid; empty or none for "stay as started"."""
-    return _name_or_id(text)
-
-
-def group(text: str) -> str | int | None:
-    """A group name or gid; empty or none for "stay as started" (or the user's group)."""
-    return _name_or_id(text)
-
-
-def _name_or_id(text: str) -> str | int | None:
-    text = text.strip()
-    if text.lower() in ("", "none"):
-        return None
-    return int(text) if text.isdigit() else text
 
 
 def _check_user(value: Any) -> str | None:

@@ -8,10 +8,11 @@
 # its request as the last preamble stage of the connection pipeline (WaitForRequest):
 # a descriptor in the loop's epoll set, no thread. Only when its first bytes (or first
 # complete line) have arrived does a handler run; if that does not happen within
-# request_timeout it is closed. The same wait applies between two messages of a
-# connection the pipeline parked, bounded by idle_timeout. Checking for a line uses
-# recv(MSG_PEEK), so the bytes stay in the kernel for the handler: nothing is buffered
-# here, and TLS connections (whose bytes are encrypted) wait for data, not a line.
+# request_timeout it is closed. A parked connection's later messages are dispatched on
+# their first bytes, and idle_timeout bounds how long it may stay parked (park_timeout()).
+# Checking for a line uses recv(MSG_PEEK), so the bytes stay in the kernel for the
+# handler: nothing is buffered here, and TLS connections (whose bytes are encrypted) wait
+# for data, not a line.
 #
 # While a handler runs, idle_timeout bounds every read (a client silent that long is
 # cut off and logged, not reported as a handler error), and request_deadline() tells
@@ -98,21 +99,13 @@ def _check_wait_mode(value: str) -> str | None:
 
 
 class WaitForRequest(Stage):
-    """The last preamble stage: wait, without a thread, until a request has arrived.
-
-    Also what the pipeline applies between two messages of a parked connection.
-    """
+    """The last preamble stage: wait, without a thread, until a request has arrived."""
 
     name = "wait"
-    between_messages = True
 
-    def __init__(
-        self, mode: str, request_timeout: float | None, idle_timeout: float | None, limit: int
-    ) -> None:
+    def __init__(self, mode: str, request_timeout: float | None, limit: int) -> None:
         self.mode = mode
         self.request_timeout = request_timeout
-        #: Seconds a parked connection may wait for its next message.
-        self.idle_timeout = idle_timeout
         self.limit = limit
         # One peek buffer per thread: the loop's is reused for every message; stages run
         # blocking on pool threads (servers without a pipeline) get their own.
@@ -248,7 +241,6 @@ class LimitsMixIn(ServerFeature):
                 WaitForRequest(
                     self.wait_for_request,
                     self.request_timeout,
-                    self.idle_timeout,
                     self.max_line_length,
                 )
             )

@@ -215,10 +215,6 @@ def _wait_for_more(sock: Any, timeout: float | None) -> None:
         waiter.poll(-1 if timeout is None else timeout)
 
 
-class _Parked:
-    """Marks a handler object whose finish() waits for the connection's close."""
-
-
 @functools.lru_cache(maxsize=64)
 def _parkable_class(cls: type, initial: bool) -> type:
     """A subclass of cls whose constructor handles only the first message.
@@ -251,7 +247,7 @@ def _parkable_class(cls: type, initial: bool) -> type:
         "__qualname__": cls.__qualname__,
         "__doc__": cls.__doc__,
     }
-    return type(cls.__name__, (cls, _Parked), namespace)
+    return type(cls.__name__, (cls,), namespace)
 
 
 def parkable_factory(factory: Any) -> Any:
@@ -287,15 +283,12 @@ class ConnectionPipeline:
         submit: Callable[..., None],
         *,
         idle_timeout: float | None,
-        message_wait: Any = None,
     ) -> None:
         self.server = server
         self.stages = tuple(stages)
         self.submit = submit
         #: Seconds a parked connection may wait for its next message (None: forever).
         self.idle_timeout = idle_timeout
-        #: The request wait (WaitForRequest in servekit.features.limits), if any.
-        self.message_wait = message_wait
         self.epoll = select.epoll()
         #: Every open connection by descriptor. Written by the loop (admit) and by
         #: whoever closes a connection; dict operations are atomic.

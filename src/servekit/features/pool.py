@@ -430,13 +430,11 @@ class ThreadPoolMixIn(ServerFeature):
         assert runtime is not None
         if runtime.pipeline is None:
             stages = self.connection_stages()
-            between = next((s for s in stages if getattr(s, "between_messages", False)), None)
             pipeline = ConnectionPipeline(
                 self,
                 stages,
                 pool.submit,
                 idle_timeout=self.park_timeout(),
-                message_wait=between,
             )
             pipeline.start()
             runtime.pipeline = pipeline
