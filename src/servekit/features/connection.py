@@ -67,6 +67,8 @@ class Connection:
         "messages",
         "outcome",
         "peer",
+        "probe",
+        "probed",
         "proxy_buffer",
         "proxy_header",
         "request",
@@ -120,6 +122,10 @@ class Connection:
         self.timeout: float | None = None
         #: True while registered edge-triggered without one-shot (a partial line waits).
         self.waiting_armed = False
+        #: The handler's rfile as last seen between messages, and how to look into its
+        #: buffer (servekit.features.pipeline.message_buffered()).
+        self.probed: Any = None
+        self.probe: Any = None
 
     def __repr__(self) -> str:
         return (

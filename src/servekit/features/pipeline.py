@@ -73,6 +73,8 @@ PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, ssl.
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _ARM_ONCE = select.EPOLLET | select.EPOLLONESHOT
+_PARKED = ConnectionState.PARKED
+_monotonic = time.monotonic
 # Longest and shortest gap between deadline sweeps: a timeout fires at most this late.
 _SWEEP_MAX = 1.0
 _SWEEP_MIN = 0.05
@@ -348,16 +350,23 @@ class ConnectionPipeline:
 
     def on_ready(self) -> None:
         """The epoll set is readable: move each ready connection on (loop thread)."""
+        connections = self.connections
         for fd, events in self.epoll.poll(0, _MAX_EVENTS):
-            connection = self.connections.get(fd)
+            connection = connections.get(fd)
             if connection is None:
                 continue
             state = connection.state
-            if state is ConnectionState.PREAMBLE:
-                if self.stages[connection.stage].offload or self._advance(connection, on_loop=True):
+            if state is _PARKED:
+                if events & _HANGUP or connection.tls is not None:
+                    self._unpark(connection, events)
+                else:
+                    # The busy path, kept short: bytes of the next message (see
+                    # _message_ready()), straight to a thread.
                     self._dispatch(connection)
-            elif state is ConnectionState.PARKED:
-                self._unpark(connection, events)
+            elif state is ConnectionState.PREAMBLE and (
+                self.stages[connection.stage].offload or self._advance(connection, on_loop=True)
+            ):
+                self._dispatch(connection)
             # HANDLING: a late event for a connection a thread owns; it re-arms itself.
 
     def _unpark(self, connection: Connection, events: int) -> None:
@@ -516,11 +525,13 @@ class ConnectionPipeline:
                 self._run_whole(connection)
                 return
         while True:
-            # In the loop the socket is non-blocking (peeks must never wait: with a
-            # timeout, Python polls before every recv, MSG_DONTWAIT or not); the handler
-            # gets the timeout it had.
+            # The preamble left the socket non-blocking; the handler gets the timeout it
+            # had at accept. From then on the socket keeps the handler's timeout while
+            # parked too (settimeout() is a system call, FIONBIO: once per connection,
+            # not per message), so nothing in the loop may read it expecting not to wait
+            # (peek_ready() polls first).
             if request.gettimeout() != connection.timeout:
-                request.settimeout(connection.timeout)  # a system call (FIONBIO): only if needed
+                request.settimeout(connection.timeout)
             connection.messages += 1
             server.message_started(connection)
             error = self._one_message(connection)
@@ -531,7 +542,8 @@ class ConnectionPipeline:
             if connection.closing or self.closing:
                 self._close(connection, "")
                 return
-            if not _has_buffered(connection):
+            connection.timeout = request.gettimeout()  # as the handler left it
+            if not message_buffered(connection):
                 break
         self._park(connection)
 
@@ -584,12 +596,18 @@ class ConnectionPipeline:
         # two writes suffices: we publish PARKED, then read closing; it sets closing,
         # then collects PARKED connections. Whichever comes second sees the other, and
         # _claim() lets only one of us close it.
-        connection.set_deadline(self.idle_timeout, "idle")
-        connection.state = ConnectionState.PARKED
+        idle = self.idle_timeout
+        connection.deadline = None if idle is None else _monotonic() + idle
+        connection.deadline_reason = "idle"
+        connection.state = _PARKED
         if self.closing:
             self._close(connection, "")
-        else:
-            self._arm(connection)  # last: from here on the loop owns it
+            return
+        connection.waiting_armed = False
+        try:
+            self.epoll.modify(connection.fd, _IN | _ARM_ONCE)  # last: the loop owns it now
+        except (OSError, ValueError):
+            pass  # closed under us by the shutdown sequence: nothing to arm
 
     # -- closing -------------------------------------------------------------------------
 
@@ -767,6 +785,15 @@ def peek_ready(connection: Connection) -> str:
     if isinstance(request, ssl.SSLSocket) and request.pending():
         return "ready"
     try:
+        fd = request.fileno()
+        if fd < 0:
+            return ""
+        # Polled first: with a timeout set, Python polls before recv() for up to that
+        # timeout, MSG_DONTWAIT or not, and the caller (the loop) must never wait.
+        ready = select.poll()
+        ready.register(fd, select.POLLIN)
+        if not ready.poll(0):
+            return "wait"
         peeked = socket.socket.recv(request, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
         return "wait"
@@ -775,30 +802,70 @@ def peek_ready(connection: Connection) -> str:
     return "ready" if peeked else ""
 
 
-def _has_buffered(connection: Connection) -> bool:
-    """Whether the next message is already here: in the handler's rfile, in TLS's
-    decrypted buffer, or in the kernel. Never blocks.
+def _no_bytes_yet(buffer: Any) -> int:
+    return 0
 
-    Leaves the socket non-blocking, as the loop needs it, and remembers the handler's
-    timeout in the record (restored before the next message).
+
+def message_buffered(connection: Connection) -> bool:
+    """Whether bytes of the next message are already read (in the handler's rfile, or in
+    TLS's decrypted buffer), so the thread must serve it instead of parking. Never
+    blocks, and makes no system call on a plain socket.
+
+    The kernel's buffer is not looked at: parking arms the descriptor, and epoll reports
+    bytes already there at once (epoll_ctl polls the socket). Asking the kernel first
+    costs a recv() per message that fails on nearly every one in ping-pong (the reply
+    has not come back yet), and the failure, an exception, is the most expensive part.
+
+    BufferedReader.peek() returns what its buffer holds, or reads the raw stream when it
+    is empty. For the usual rfile (socket.makefile(): a BufferedReader over a SocketIO,
+    a Python object), the raw stream's readinto() is shadowed, for the length of the
+    peek, by one that finds no bytes: an empty buffer answers "nothing" instead of
+    reading the socket. The thread owns the connection, so nobody else reads the rfile
+    meanwhile. Any other rfile is peeked the safe way, with the socket non-blocking for
+    the moment.
     """
     request = connection.request
-    try:
-        connection.timeout = request.gettimeout()
-        request.settimeout(0.0)
-    except OSError:
-        return False
-    if isinstance(request, ssl.SSLSocket) and request.pending():
+    if connection.tls is not None and request.pending():
         return True
     rfile = getattr(connection.handler, "rfile", None)
-    peek = getattr(rfile, "peek", None)
+    if rfile is None:
+        return False
+    if rfile is not connection.probed:
+        connection.probed = rfile
+        connection.probe = _probe_of(rfile)
+    probe = connection.probe
+    if probe is None:
+        return False  # unbuffered: no bytes of ours anywhere but in the kernel
+    if probe is not rfile:
+        probe.readinto = _no_bytes_yet  # probe is the raw stream (see above)
+        try:
+            return bool(rfile.peek(1))
+        except (OSError, ValueError):
+            return False  # closed by the handler: the close path reports it
+        finally:
+            del probe.readinto
+    timeout = request.gettimeout()
     try:
-        if peek is None or getattr(rfile, "closed", True):
-            return bool(socket.socket.recv(request, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        # BufferedReader.peek() returns the buffer when it holds anything, and otherwise
-        # makes one raw read: non-blocking, so that read cannot wait for the client.
-        return bool(peek(1))
+        request.settimeout(0.0)
+        return bool(rfile.peek(1))
     except (OSError, ValueError):
         # Nothing to read yet (BlockingIOError, SSLWantReadError), or an error the
         # loop will see as readiness and the handler then report.
         return False
+    finally:
+        try:
+            request.settimeout(timeout)
+        except OSError:
+            pass
+
+
+def _probe_of(rfile: Any) -> Any:
+    """How message_buffered() looks into rfile: its raw stream, whose readinto() can be
+    shadowed; rfile itself (peek with the socket non-blocking); None if it has no
+    buffer to look into."""
+    if not hasattr(rfile, "peek"):
+        return None
+    raw = getattr(rfile, "raw", None)
+    if isinstance(raw, socket.SocketIO) and hasattr(raw, "__dict__"):
+        return raw
+    return rfile
