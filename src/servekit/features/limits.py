@@ -60,6 +60,9 @@ _FIRST_PEEK = 2048
 
 _local = threading.local()
 
+# An int, computed once: MSG_PEEK | MSG_DONTWAIT on the enum runs Flag.__or__ in Python.
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
 
 def request_deadline() -> float | None:
     """The time.monotonic() by which the current request should be done, or None.
@@ -106,6 +109,8 @@ class WaitForRequest(Stage):
     def __init__(self, mode: str, request_timeout: float | None, limit: int) -> None:
         self.mode = mode
         self.request_timeout = request_timeout
+        # Formatted once: every connection enters this stage.
+        self._reason = f"no request within request_timeout={request_timeout}s"
         self.limit = limit
         # One peek buffer per thread: the loop's is reused for every message; stages run
         # blocking on pool threads (servers without a pipeline) get their own.
@@ -115,7 +120,7 @@ class WaitForRequest(Stage):
         return self.request_timeout
 
     def timeout_reason(self) -> str:
-        return f"no request within request_timeout={self.request_timeout}s"
+        return self._reason
 
     def step(self, connection: Connection) -> Step:
         verdict = self.ready(connection, 0)
@@ -146,11 +151,11 @@ class WaitForRequest(Stage):
             buffer = getattr(self._buffers, "buffer", None)
             if buffer is None:
                 buffer = self._buffers.buffer = bytearray(_FIRST_PEEK)
-            got = request.recv_into(buffer, _FIRST_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            got = request.recv_into(buffer, _FIRST_PEEK, _PEEK_NOW)
             if got and buffer.find(b"\n", 0, got) >= 0:
                 return "ready"
             if got == _FIRST_PEEK and self.limit > _FIRST_PEEK:
-                peeked = request.recv(self.limit, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                peeked = request.recv(self.limit, _PEEK_NOW)
                 got = len(peeked)
                 if b"\n" in peeked:
                     return "ready"
@@ -251,10 +256,13 @@ class LimitsMixIn(ServerFeature):
             # Counted here, on the loop's thread, before anything else can accept:
             # the cap holds exactly.
             counter = self._limits
-            with counter.lock:
-                counter.open.add(id(request))
-                if self.max_connections is not None and len(counter.open) >= self.max_connections:
-                    self.pause_accepting(self._CAP)
+            if self.max_connections is None:
+                counter.open.add(id(request))  # atomic; no cap to keep consistent with it
+            else:
+                with counter.lock:
+                    counter.open.add(id(request))
+                    if len(counter.open) >= self.max_connections:
+                        self.pause_accepting(self._CAP)
         super().process_request(request, client_address)
 
     def park_timeout(self) -> float | None:
@@ -288,10 +296,13 @@ class LimitsMixIn(ServerFeature):
 
     def _forget(self, request: Any) -> None:
         counter = self._limits
+        if self.max_connections is None:
+            counter.open.discard(id(request))
+            return
         with counter.lock:
             if id(request) in counter.open:
                 counter.open.discard(id(request))
-                if self.max_connections is not None and len(counter.open) < self.max_connections:
+                if len(counter.open) < self.max_connections:
                     self.resume_accepting(self._CAP)
 
 

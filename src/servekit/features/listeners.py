@@ -15,6 +15,7 @@
 # their owner only) are servekit.features.unixfiles' business.
 from __future__ import annotations
 
+import _socket
 import dataclasses
 import errno
 import ipaddress
@@ -616,8 +617,16 @@ def _set_tcp_options(sock: socket.socket, options: ListenerOptions, label: str) 
             ) from None
 
 
+# Plain ints from the C members: socket.socket.family and .type are Python properties
+# that build an enum on every read, which costs microseconds per accepted connection.
+_family_of = _socket.socket.family.__get__
+_type_of = _socket.socket.type.__get__
+_STREAM = int(socket.SOCK_STREAM)
+_TCP_FAMILIES = (int(socket.AF_INET), int(socket.AF_INET6))
+
+
 def _is_tcp(sock: socket.socket) -> bool:
-    return sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6)
+    return _type_of(sock) == _STREAM and _family_of(sock) in _TCP_FAMILIES
 
 
 def _activate(listener: Listener, options: ListenerOptions, backlog: int) -> None:
@@ -896,7 +905,7 @@ class ListenersMixIn(ListenerOptions, ServerFeature):
         listener = self.ready_listener
         if not isinstance(listener, socket.socket):
             listener = self.socket
-        if listener.type == socket.SOCK_STREAM:
+        if _type_of(listener) == _STREAM:
             connection, client_address = listener.accept()
             if not KERNEL_COPIES_TCP_OPTIONS and _is_tcp(connection):
                 try:

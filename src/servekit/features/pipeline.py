@@ -75,6 +75,8 @@ _HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _ARM_ONCE = select.EPOLLET | select.EPOLLONESHOT
 _PARKED = ConnectionState.PARKED
 _monotonic = time.monotonic
+# An int, computed once: MSG_PEEK | MSG_DONTWAIT on the enum runs Flag.__or__ in Python.
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 # Longest and shortest gap between deadline sweeps: a timeout fires at most this late.
 _SWEEP_MAX = 1.0
 _SWEEP_MIN = 0.05
@@ -393,9 +395,9 @@ class ConnectionPipeline:
         busy connection would cost a system call each; its handler reads the rest of a
         message within idle_timeout.
         """
-        if not events & _HANGUP and not connection.is_tls:
+        if not events & _HANGUP and connection.tls is None:
             return "ready"
-        return peek_ready(connection)
+        return peek_ready(connection, readable=True)
 
     def sweep(self) -> None:
         """Close loop-owned connections whose deadline passed (loop thread)."""
@@ -776,25 +778,27 @@ def outcome_of(exc: BaseException) -> str:
     return "error"
 
 
-def peek_ready(connection: Connection) -> str:
+def peek_ready(connection: Connection, *, readable: bool = False) -> str:
     """Whether a byte of the next message is queued: 'ready', 'wait', or '' at EOF.
 
-    Peeks below TLS (at the encrypted bytes), so it works for every connection.
+    Peeks below TLS (at the encrypted bytes), so it works for every connection. Never
+    waits: ``readable`` says an event just reported the socket readable; otherwise a
+    socket with a timeout is polled first (with a timeout set, Python polls before
+    recv() for up to that timeout, MSG_DONTWAIT or not).
     """
     request = connection.request
-    if isinstance(request, ssl.SSLSocket) and request.pending():
+    if connection.tls is not None and request.pending():
         return "ready"
     try:
-        fd = request.fileno()
-        if fd < 0:
-            return ""
-        # Polled first: with a timeout set, Python polls before recv() for up to that
-        # timeout, MSG_DONTWAIT or not, and the caller (the loop) must never wait.
-        ready = select.poll()
-        ready.register(fd, select.POLLIN)
-        if not ready.poll(0):
-            return "wait"
-        peeked = socket.socket.recv(request, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        if not readable and request.gettimeout():
+            fd = request.fileno()
+            if fd < 0:
+                return ""
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if not poller.poll(0):
+                return "wait"
+        peeked = socket.socket.recv(request, 1, _PEEK_NOW)
     except BlockingIOError:
         return "wait"
     except OSError:
