@@ -105,6 +105,7 @@ class WaitForRequest(Stage):
     """The last preamble stage: wait, without a thread, until a request has arrived."""
 
     name = "wait"
+    reads_first = True
 
     def __init__(self, mode: str, request_timeout: float | None, limit: int) -> None:
         self.mode = mode

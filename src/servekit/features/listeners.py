@@ -625,6 +625,20 @@ _STREAM = int(socket.SOCK_STREAM)
 _TCP_FAMILIES = (int(socket.AF_INET), int(socket.AF_INET6))
 
 
+def _accept(listener: socket.socket) -> tuple[socket.socket, Any]:
+    """listener.accept(), without its two enum conversions (family, type) per call.
+
+    The accepted socket is blocking, as socket.accept() leaves it when no default
+    timeout is set; with one, accept() itself is used.
+    """
+    if socket.getdefaulttimeout() is not None:
+        return listener.accept()
+    # _accept() is the C method socket.accept() itself wraps (socket.py): the documented
+    # accept() builds the same socket, reading family and type through the properties.
+    fd, address = listener._accept()  # type: ignore[attr-defined]
+    return socket.socket(_family_of(listener), _type_of(listener), listener.proto, fd), address
+
+
 def _is_tcp(sock: socket.socket) -> bool:
     return _type_of(sock) == _STREAM and _family_of(sock) in _TCP_FAMILIES
 
@@ -906,7 +920,7 @@ class ListenersMixIn(ListenerOptions, ServerFeature):
         if not isinstance(listener, socket.socket):
             listener = self.socket
         if _type_of(listener) == _STREAM:
-            connection, client_address = listener.accept()
+            connection, client_address = _accept(listener)
             if not KERNEL_COPIES_TCP_OPTIONS and _is_tcp(connection):
                 try:
                     _set_tcp_options(connection, self, "accepted connection")

@@ -129,6 +129,11 @@ class Stage:
     name = "stage"
     #: Run steps on a pool thread instead of the loop.
     offload = False
+    #: The first step reads from the client. The loop then waits for readability before
+    #: taking it (epoll reports bytes already there at once) instead of trying it at
+    #: accept: a new connection's first bytes are usually not there yet, and the failed
+    #: try costs a recv() and an exception per connection.
+    reads_first = False
 
     def timeout(self) -> float | None:
         """Seconds the whole stage may take, from its start (None: no limit)."""
@@ -344,6 +349,13 @@ class ConnectionPipeline:
         connection.timeout = sock.gettimeout()
         sock.setblocking(False)
         self.connections[connection.fd] = connection
+        stages = self.stages
+        if stages and stages[0].reads_first:
+            connection.state = ConnectionState.PREAMBLE
+            self.epoll.register(connection.fd, _IN | _ARM_ONCE)
+            self.server.connection_opened(connection)
+            self._enter(connection, 0)
+            return
         self.epoll.register(connection.fd, _ARM_ONCE)
         self.server.connection_opened(connection)
         self._enter(connection, 0)

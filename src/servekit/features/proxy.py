@@ -459,6 +459,7 @@ class ProxyHeaderStage(Stage):
     """The PROXY header as a pipeline stage: read in the loop, without blocking."""
 
     name = "proxy"
+    reads_first = True
 
     def __init__(self, server: ProxyProtocolMixIn) -> None:
         self.server = server

@@ -413,6 +413,7 @@ class TLSHandshake(Stage):
     """The TLS handshake as a pipeline stage: non-blocking, its steps on a pool thread."""
 
     name = "tls"
+    reads_first = True
     offload = True
 
     def __init__(self, server: TLSMixIn) -> None:

@@ -531,8 +531,10 @@ class Supervisor:
 
     def handle_term(self) -> None:
         if self._state is _SupervisorState.RUNNING:
-            log.info("%s: graceful stop (up to %ss)", self.name, self.graceful_timeout)
+            # State first, then the line: whoever reads the line (a test, an operator)
+            # must find /readyz already answering 503 (the admin thread reads the state).
             self._state = _SupervisorState.STOPPING
+            log.info("%s: graceful stop (up to %ss)", self.name, self.graceful_timeout)
             self._notify_stop()
             now = time.monotonic()
             for worker in self._workers.values():
