@@ -75,6 +75,10 @@ class ServerFeature(Configurable, _MixinBase):
 
     #: Place in the bases; ServerFeature itself has none.
     feature_rank: ClassVar[int]
+    #: The class of the sockets ListenersMixIn accepts. The concurrency mix-in chooses
+    #: it (ThreadPoolMixIn: servekit.features.connsocket.ConnectionSocket); a feature
+    #: earlier in the bases must not set it.
+    accepted_socket_class: type[socket.socket] = socket.socket
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -625,8 +625,9 @@ _STREAM = int(socket.SOCK_STREAM)
 _TCP_FAMILIES = (int(socket.AF_INET), int(socket.AF_INET6))
 
 
-def _accept(listener: socket.socket) -> tuple[socket.socket, Any]:
-    """listener.accept(), without its two enum conversions (family, type) per call.
+def _accept(listener: socket.socket, kind: type[socket.socket]) -> tuple[socket.socket, Any]:
+    """listener.accept(), returning a kind (a socket.socket subclass), without the two
+    enum conversions (family, type) socket.accept() makes per call.
 
     The accepted socket is blocking, as socket.accept() leaves it when no default
     timeout is set; with one, accept() itself is used.
@@ -636,7 +637,7 @@ def _accept(listener: socket.socket) -> tuple[socket.socket, Any]:
     # _accept() is the C method socket.accept() itself wraps (socket.py): the documented
     # accept() builds the same socket, reading family and type through the properties.
     fd, address = listener._accept()  # type: ignore[attr-defined]
-    return socket.socket(_family_of(listener), _type_of(listener), listener.proto, fd), address
+    return kind(_family_of(listener), _type_of(listener), listener.proto, fd), address
 
 
 def _is_tcp(sock: socket.socket) -> bool:
@@ -920,7 +921,7 @@ class ListenersMixIn(ListenerOptions, ServerFeature):
         if not isinstance(listener, socket.socket):
             listener = self.socket
         if _type_of(listener) == _STREAM:
-            connection, client_address = _accept(listener)
+            connection, client_address = _accept(listener, self.accepted_socket_class)
             if not KERNEL_COPIES_TCP_OPTIONS and _is_tcp(connection):
                 try:
                     _set_tcp_options(connection, self, "accepted connection")

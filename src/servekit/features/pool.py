@@ -33,6 +33,7 @@ from typing import Any
 
 from servekit.core import ServerState, TCPServer, ThreadingMixIn, UDPServer
 from servekit.features.base import ServerFeature
+from servekit.features.connsocket import ConnectionSocket
 from servekit.features.pipeline import ConnectionPipeline
 from servekit.knobs import (
     knob,
@@ -380,6 +381,9 @@ class ThreadPoolMixIn(ServerFeature):
     # Under load several connections are ready per wake-up; taking up to this many at
     # once (from a non-blocking listener, see server_activate) saves a select() each.
     accept_batch: int = 16
+    # Handlers get a socket whose timeout costs no system call when the bytes are there
+    # (servekit.features.connsocket; ListenersMixIn honours it).
+    accepted_socket_class = ConnectionSocket
 
     _POOL_FULL = "thread pool full"
 

@@ -1,0 +1,185 @@
+# The socket a pool server's handler gets for a stream connection: a socket.socket whose
+# timeouts cost no system call when the bytes are already there.
+#
+# Strategy. With a timeout set, CPython polls the socket before every recv() and send(),
+# even when the data is already queued: two extra system calls per message (and two
+# GIL hand-offs) for a handler that reads a request and writes a reply. A connection
+# pipeline dispatches a connection when its bytes have arrived, so the read almost never
+# has to wait, and a small reply almost never finds the send buffer full. This socket
+# tries first and polls only when the kernel says "would block" (EAGAIN), the way
+# asyncio's and gevent's sockets do:
+#
+#   * the descriptor is always non-blocking, as it is under any Python timeout;
+#   * gettimeout() / settimeout() / setblocking() keep the timeout the handler asked
+#     for, and every blocking method honours it: it waits (poll) when needed and raises
+#     TimeoutError("timed out") as the stdlib does, with one deadline for a whole
+#     sendall(), as the stdlib has had since 3.5;
+#   * with timeout 0.0 the socket is plainly non-blocking (BlockingIOError), as before.
+#
+# Only the waiting strategy differs from socket.socket's; what a handler sees (values,
+# exceptions, timeouts) does not. ListenersMixIn creates it for the servers whose
+# concurrency mix-in asks for it (ThreadPoolMixIn.accepted_socket_class).
+from __future__ import annotations
+
+import _socket
+import math
+import select
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["ConnectionSocket"]
+
+_C = _socket.socket  # the C methods, which never poll on a timeout of 0.0
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
+_monotonic = time.monotonic
+
+
+class ConnectionSocket(socket.socket):
+    """socket.socket with a timeout that costs a system call only when it must wait."""
+
+    __slots__ = ("_wait_timeout",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wait_timeout: float | None = None  # accept() returns blocking sockets
+        _C.settimeout(self, 0.0)  # the descriptor: non-blocking for good
+
+    # -- the timeout, as the handler sees it ---------------------------------------------
+
+    def settimeout(self, value: float | None) -> None:
+        if value is not None:
+            value = float(value)
+            if value < 0.0 or math.isnan(value):
+                raise ValueError("Timeout value out of range")
+        self._wait_timeout = value
+
+    def gettimeout(self) -> float | None:
+        return self._wait_timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self._wait_timeout = None if flag else 0.0
+
+    def getblocking(self) -> bool:
+        return self._wait_timeout != 0.0
+
+    # -- waiting -------------------------------------------------------------------------
+
+    def _wait_and(self, event: int, call: Callable[..., Any], *args: Any) -> Any:
+        """Wait until the socket is ready for event, then call(self, *args); again while
+        it would still block (another reader took the bytes, a spurious wake-up)."""
+        timeout = self._wait_timeout
+        if timeout == 0.0:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        deadline = None if timeout is None else _monotonic() + timeout
+        poller = select.poll()
+        poller.register(self, event)
+        while True:  # bounded by the deadline (or waits, as a blocking socket does)
+            if deadline is None:
+                ready = poller.poll()
+            else:
+                left = deadline - _monotonic()
+                ready = poller.poll(max(0, math.ceil(left * 1000))) if left > 0 else []
+            if not ready:
+                raise TimeoutError("timed out")
+            try:
+                return call(self, *args)
+            except BlockingIOError:
+                continue
+
+    # -- reading -------------------------------------------------------------------------
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        try:
+            return _C.recv(self, bufsize, flags)
+        except BlockingIOError:
+            result: bytes = self._wait_and(_POLLIN, _C.recv, bufsize, flags)
+            return result
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        try:
+            return _C.recv_into(self, buffer, nbytes, flags)
+        except BlockingIOError:
+            result: int = self._wait_and(_POLLIN, _C.recv_into, buffer, nbytes, flags)
+            return result
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
+        try:
+            return _C.recvfrom(self, bufsize, flags)
+        except BlockingIOError:
+            result: tuple[bytes, Any] = self._wait_and(_POLLIN, _C.recvfrom, bufsize, flags)
+            return result
+
+    def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
+        try:
+            return _C.recvfrom_into(self, buffer, nbytes, flags)
+        except BlockingIOError:
+            result: tuple[int, Any] = self._wait_and(
+                _POLLIN, _C.recvfrom_into, buffer, nbytes, flags
+            )
+            return result
+
+    def recvmsg(self, *args: Any) -> Any:
+        try:
+            return _C.recvmsg(self, *args)
+        except BlockingIOError:
+            return self._wait_and(_POLLIN, _C.recvmsg, *args)
+
+    def recvmsg_into(self, *args: Any) -> Any:
+        try:
+            return _C.recvmsg_into(self, *args)
+        except BlockingIOError:
+            return self._wait_and(_POLLIN, _C.recvmsg_into, *args)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        try:
+            return _C.send(self, data, flags)
+        except BlockingIOError:
+            result: int = self._wait_and(_POLLOUT, _C.send, data, flags)
+            return result
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        try:
+            return _C.sendto(self, data, *args)
+        except BlockingIOError:
+            result: int = self._wait_and(_POLLOUT, _C.sendto, data, *args)
+            return result
+
+    def sendmsg(self, *args: Any) -> int:
+        try:
+            return _C.sendmsg(self, *args)
+        except BlockingIOError:
+            result: int = self._wait_and(_POLLOUT, _C.sendmsg, *args)
+            return result
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        try:
+            sent = _C.send(self, data, flags)
+        except BlockingIOError:
+            if self._wait_timeout == 0.0:
+                raise
+            sent = 0
+        with memoryview(data) as view, view.cast("B") as rest:
+            if sent == len(rest):
+                return  # the usual case: one send() took it all
+            # One deadline for the whole call, as socket.sendall() has since 3.5.
+            timeout = self._wait_timeout
+            deadline = None if timeout is None else _monotonic() + timeout
+            while sent < len(rest):  # bounded by the deadline, or by the peer reading
+                try:
+                    sent += _C.send(self, rest[sent:], flags)
+                    continue
+                except BlockingIOError:
+                    if timeout == 0.0:
+                        raise
+                left = None if deadline is None else deadline - _monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("timed out")
+                poller = select.poll()
+                poller.register(self, _POLLOUT)
+                if not poller.poll(None if left is None else max(1, math.ceil(left * 1000))):
+                    raise TimeoutError("timed out")
