@@ -139,7 +139,14 @@ class Knob(Generic[T]):
 
     def __get__(self, obj: object, objtype: type | None = None) -> T:
         # Non-data descriptor: an instance attribute of the same name takes precedence,
-        # exactly like a plain class attribute would.
+        # exactly like a plain class attribute would. An instance that reads its default
+        # keeps it as such an attribute: hooks read knobs per message, and a dict lookup
+        # costs a fraction of this call.
+        if obj is not None:
+            try:
+                vars(obj)[self.name] = self.default
+            except TypeError:
+                pass  # no __dict__ (slots): read through here every time
         return self.default
 
     @property

@@ -163,6 +163,8 @@ class ConnectionSocket(socket.socket):
             if self._wait_timeout == 0.0:
                 raise
             sent = 0
+        if type(data) is bytes and sent == len(data):
+            return  # the usual case, without a memoryview: one send() took it all
         with memoryview(data) as view, view.cast("B") as rest:
             if sent == len(rest):
                 return  # the usual case: one send() took it all
