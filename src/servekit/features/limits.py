@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 from servekit.errors import ServekitError
 from servekit.features.addresses import format_peer
 from servekit.features.base import ServerFeature
-from servekit.features.connection import Connection
+from servekit.features.connection import Connection, current_connection
 from servekit.features.pipeline import Stage, StageError, Step, peek_ready
 from servekit.knobs import (
     knob,
@@ -58,8 +58,6 @@ WAIT_MODES = ("none", "data", "line")
 # Bytes peeked first when waiting for a line (see WaitForRequest.ready).
 _FIRST_PEEK = 2048
 
-_local = threading.local()
-
 # An int, computed once: MSG_PEEK | MSG_DONTWAIT on the enum runs Flag.__or__ in Python.
 _PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
@@ -71,7 +69,8 @@ def request_deadline() -> float | None:
     connection's first message the deadline counts from accept(); for later messages of
     a parked connection, from when the message's first bytes arrived.
     """
-    return getattr(_local, "deadline", None)
+    connection = current_connection()
+    return None if connection is None else connection.request_deadline
 
 
 def time_left() -> float | None:
@@ -282,11 +281,10 @@ class LimitsMixIn(ServerFeature):
             deadline = connection.accepted_at + limit
         else:
             deadline = time.monotonic() + limit
-        connection.request_deadline = _local.deadline = deadline
+        connection.request_deadline = deadline
 
     def connection_closed(self, connection: Connection) -> None:
         self._forget(connection.sock)
-        _local.deadline = None
         super().connection_closed(connection)
 
     def shutdown_request(self, request: Any) -> None:

@@ -538,14 +538,14 @@ class ConnectionPipeline:
                 # connection's whole life, exactly as with the stdlib.
                 self._run_whole(connection)
                 return
-        while True:
+        if connection.messages == 0 and request.gettimeout() != connection.timeout:
             # The preamble left the socket non-blocking; the handler gets the timeout it
-            # had at accept. From then on the socket keeps the handler's timeout while
-            # parked too (settimeout() is a system call, FIONBIO: once per connection,
-            # not per message), so nothing in the loop may read it expecting not to wait
-            # (peek_ready() polls first).
-            if request.gettimeout() != connection.timeout:
-                request.settimeout(connection.timeout)
+            # had at accept. From then on the socket keeps the handler's own timeout,
+            # parked too (once per connection, not per message: on a plain socket
+            # settimeout() is a system call), so nothing in the loop may read it
+            # expecting not to wait (peek_ready() polls first).
+            request.settimeout(connection.timeout)
+        while True:
             connection.messages += 1
             server.message_started(connection)
             error = self._one_message(connection)
@@ -556,7 +556,6 @@ class ConnectionPipeline:
             if connection.closing or self.closing:
                 self._close(connection, "")
                 return
-            connection.timeout = request.gettimeout()  # as the handler left it
             if not message_buffered(connection):
                 break
         self._park(connection)
