@@ -63,6 +63,8 @@ class _SocketWriter(io.BufferedIOBase):
 
     def write(self, b: Buffer) -> int:
         self._sock.sendall(b)
+        if type(b) is bytes:
+            return len(b)  # the usual case, without a memoryview
         with memoryview(b) as view:
             return view.nbytes
 

@@ -109,6 +109,9 @@ class WorkerPool:
         self._searching = 0
         self._closing = False
         self._all_idle = threading.Condition(self._lock)
+        #: Threads in shutdown(wait=True): only they need the "all idle" notification
+        #: (Condition.notify_all() is Python code, too slow for every time busy hits 0).
+        self._waiting_for_idle = 0
         self._counter = 0
         self._started: dict[int, float] = {}  # thread ident -> when its task started
         for _ in range(self.min_threads):
@@ -222,7 +225,7 @@ class WorkerPool:
             self._busy -= 1
             if self._busy == self.max_threads - 1 and self._on_unsaturated is not None:
                 self._on_unsaturated()
-            if not self._busy:
+            if not self._busy and self._waiting_for_idle:
                 self._all_idle.notify_all()
             return self._take_locked()
 
@@ -270,11 +273,15 @@ class WorkerPool:
             if not wait:
                 return self._busy == 0
             deadline = None if timeout is None else time.monotonic() + timeout
-            while self._busy:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                self._all_idle.wait(remaining)
+            self._waiting_for_idle += 1
+            try:
+                while self._busy:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        break
+                    self._all_idle.wait(remaining)
+            finally:
+                self._waiting_for_idle -= 1
             return self._busy == 0
 
 
