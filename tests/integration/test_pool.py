@@ -248,3 +248,32 @@ def test_worker_pool_saturation_edges_are_ordered() -> None:
     assert events == ["full", "free"]
     with pytest.raises(RuntimeError):
         pool.submit(task)
+
+
+def test_worker_pool_submit_each_runs_every_item_once() -> None:
+    """submit_each() queues a burst in one go: every item runs once, on at most
+    max_threads threads, and saturation is reported once when the burst crosses it."""
+    events: list[str] = []
+    seen: list[int] = []
+    lock = threading.Lock()
+    done = threading.Semaphore(0)
+    pool = WorkerPool(
+        3,
+        on_saturated=lambda: events.append("full"),
+        on_unsaturated=lambda: events.append("free"),
+    )
+
+    def task(item: int) -> None:
+        with lock:
+            seen.append(item)
+        done.release()
+
+    pool.submit_each(task, list(range(10)))
+    assert events[:1] == ["full"]
+    assert all(done.acquire(timeout=5) for _ in range(10))
+    assert pool.shutdown(timeout=5)
+    assert sorted(seen) == list(range(10))
+    assert pool.size <= 3
+    assert events == ["full", "free"]
+    with pytest.raises(RuntimeError):
+        pool.submit_each(task, [1, 2])

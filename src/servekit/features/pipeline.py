@@ -74,6 +74,7 @@ _IN = select.EPOLLIN | select.EPOLLRDHUP
 _HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _ARM_ONCE = select.EPOLLET | select.EPOLLONESHOT
 _PARKED = ConnectionState.PARKED
+_HANDLING = ConnectionState.HANDLING
 _monotonic = time.monotonic
 # An int, computed once: MSG_PEEK | MSG_DONTWAIT on the enum runs Flag.__or__ in Python.
 _PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
@@ -292,10 +293,13 @@ class ConnectionPipeline:
         submit: Callable[..., None],
         *,
         idle_timeout: float | None,
+        submit_each: Callable[[Callable[..., object], list[Any]], None] | None = None,
     ) -> None:
         self.server = server
         self.stages = tuple(stages)
         self.submit = submit
+        #: submit(fn, item) for each item at once (None: one submit() each).
+        self.submit_each = submit_each
         #: Seconds a parked connection may wait for its next message (None: forever).
         self.idle_timeout = idle_timeout
         self.epoll = select.epoll()
@@ -365,6 +369,7 @@ class ConnectionPipeline:
     def on_ready(self) -> None:
         """The epoll set is readable: move each ready connection on (loop thread)."""
         connections = self.connections
+        ready: list[Connection] = []
         for fd, events in self.epoll.poll(0, _MAX_EVENTS):
             connection = connections.get(fd)
             if connection is None:
@@ -375,13 +380,29 @@ class ConnectionPipeline:
                     self._unpark(connection, events)
                 else:
                     # The busy path, kept short: bytes of the next message (see
-                    # _message_ready()), straight to a thread.
-                    self._dispatch(connection)
+                    # _message_ready()), to a thread with the rest of this burst.
+                    connection.state = _HANDLING
+                    ready.append(connection)
             elif state is ConnectionState.PREAMBLE and (
                 self.stages[connection.stage].offload or self._advance(connection, on_loop=True)
             ):
                 self._dispatch(connection)
             # HANDLING: a late event for a connection a thread owns; it re-arms itself.
+        if ready:
+            self._dispatch_each(ready)
+
+    def _dispatch_each(self, ready: list[Connection]) -> None:
+        """Hand connections already marked HANDLING to the pool, in one submission."""
+        if self.submit_each is None or len(ready) == 1:
+            for connection in ready:
+                self._dispatch(connection)
+            return
+        try:
+            self.submit_each(self.run, ready)
+        except RuntimeError:
+            for connection in ready:  # the pool is shut down (server closing)
+                connection.outcome = "shutdown"
+                self._close(connection, "", finish_on_loop=True)
 
     def _unpark(self, connection: Connection, events: int) -> None:
         verdict = self._message_ready(connection, events)

@@ -154,6 +154,20 @@ class WorkerPool:
             if self._searching == 0:
                 self._wake_one_locked()
 
+    def submit_each(self, fn: Callable[..., object], items: list[Any]) -> None:
+        """submit(fn, item) for each item, under one acquisition of the lock (the
+        connection pipeline hands over a burst of ready connections at once)."""
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the pool is shut down")
+            before = self._busy
+            self._busy = before + len(items)
+            if before < self.max_threads <= self._busy and self._on_saturated is not None:
+                self._on_saturated()
+            self._queue.extend([(fn, (item,)) for item in items])
+            if self._searching == 0:
+                self._wake_one_locked()  # it wakes the next if more are queued
+
     def _wake_one_locked(self) -> None:
         if self._idle:
             worker = self._idle.pop()
@@ -458,6 +472,7 @@ class ThreadPoolMixIn(ServerFeature):
                 self,
                 stages,
                 pool.submit,
+                submit_each=pool.submit_each,
                 idle_timeout=self.park_timeout(),
             )
             pipeline.start()
