@@ -28,7 +28,7 @@ from servekit.features.tls import (
     tls_info,
 )
 from servekit.knobs import SettingError
-from servekit.testing import LOCALHOST, closed_by_peer, connect, serving
+from servekit.testing import LOCALHOST, closed_by_peer, connect, exchange_line, serving
 
 if TYPE_CHECKING:
     from tests.tls_certs import CertSet, LogWatcher
@@ -116,17 +116,6 @@ def common_name(cert: dict[str, Any] | None) -> str:
     return str(dict(rdn[0] for rdn in cert["subject"])["commonName"])
 
 
-def round_trip(sock: socket.socket, line: bytes) -> bytes:
-    sock.sendall(line)
-    received = b""
-    while not received.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        received += chunk
-    return received
-
-
 def read_to_eof(sock: socket.socket) -> bytes | None:
     """Everything until EOF; None if the connection was reset or aborted by an alert."""
     received = b""
@@ -148,7 +137,7 @@ def test_round_trip_ends_with_close_notify(tls_certs: CertSet) -> None:
         running(tls_certs, OneLine) as server,
         tls_connect(server.server_address, tls_certs.client_context(), ragged_eofs=False) as sock,
     ):
-        assert round_trip(sock, b"hello\n") == b"hello - nocert\n"
+        assert exchange_line(sock, b"hello\n") == b"hello - nocert\n"
         # Without close_notify this recv() raises SSLEOFError (suppress_ragged_eofs=False).
         assert sock.recv(1) == b""
         info = server.handled.get(timeout=CLIENT_TIMEOUT)
@@ -168,7 +157,7 @@ def test_forking_server_round_trip(tls_certs: CertSet) -> None:
         running(tls_certs, OneLine, ForkingTLSServer) as server,
         tls_connect(server.server_address, tls_certs.client_context(), ragged_eofs=False) as sock,
     ):
-        assert round_trip(sock, b"forked\n") == b"forked - nocert\n"
+        assert exchange_line(sock, b"forked\n") == b"forked - nocert\n"
         assert sock.recv(1) == b""  # close_notify from the child
 
 
@@ -184,7 +173,7 @@ def test_thread_pool_server(tls_certs: CertSet) -> None:
         tls_connect(server.server_address, tls_certs.client_context()) as sock,
     ):
         assert server.max_threads == 2
-        assert round_trip(sock, b"pooled\n") == b"pooled\n"
+        assert exchange_line(sock, b"pooled\n") == b"pooled\n"
 
 
 def test_unix_stream_server(tls_certs: CertSet, tmp_path: Path) -> None:
@@ -200,7 +189,7 @@ def test_unix_stream_server(tls_certs: CertSet, tmp_path: Path) -> None:
         serving(server),
         tls_connect(path, tls_certs.client_context()) as sock,
     ):
-        assert round_trip(sock, b"over unix\n") == b"over unix\n"
+        assert exchange_line(sock, b"over unix\n") == b"over unix\n"
 
 
 def test_handler_error_goes_to_handle_error(tls_certs: CertSet, tls_log: LogWatcher) -> None:
@@ -225,7 +214,7 @@ def test_alpn_protocol_is_negotiated(tls_certs: CertSet) -> None:
         running(tls_certs, alpn_protocols=("h2", "http/1.1")) as server,
         tls_connect(server.server_address, context) as sock,
     ):
-        assert round_trip(sock, b"x\n") == b"x\n"
+        assert exchange_line(sock, b"x\n") == b"x\n"
         info = server.handled.get(timeout=CLIENT_TIMEOUT)
     assert info is not None and info.alpn_protocol == "http/1.1"
 
@@ -240,7 +229,7 @@ def test_handler_sees_client_certificate(tls_certs: CertSet) -> None:
         running(tls_certs, OneLine, client_ca=str(tls_certs.ca)) as server,
         tls_connect(server.server_address, context) as sock,
     ):
-        assert round_trip(sock, b"who\n") == b"who client-1 cert\n"
+        assert exchange_line(sock, b"who\n") == b"who client-1 cert\n"
         info = server.handled.get(timeout=CLIENT_TIMEOUT)
     assert info is not None
     assert info.peer_subject == {"commonName": "client-1"}
@@ -287,10 +276,10 @@ def test_optional_client_certificate(tls_certs: CertSet) -> None:
         tls_certs, OneLine, client_ca=str(tls_certs.ca), require_client_cert=False
     ) as server:
         with tls_connect(server.server_address, tls_certs.client_context()) as sock:
-            assert round_trip(sock, b"a\n") == b"a - nocert\n"
+            assert exchange_line(sock, b"a\n") == b"a - nocert\n"
         identified = tls_certs.client_context(tls_certs.client)
         with tls_connect(server.server_address, identified) as sock:
-            assert round_trip(sock, b"b\n") == b"b client-1 cert\n"
+            assert exchange_line(sock, b"b\n") == b"b client-1 cert\n"
 
 
 # -- failed handshakes -------------------------------------------------------------------
@@ -306,7 +295,7 @@ def test_stalled_client_does_not_block_others_and_is_cut_off(
         with connect(server.server_address, CLIENT_TIMEOUT) as stalled:
             started = time.monotonic()
             with tls_connect(server.server_address, tls_certs.client_context()) as other:
-                assert round_trip(other, b"not blocked\n") == b"not blocked\n"
+                assert exchange_line(other, b"not blocked\n") == b"not blocked\n"
             assert not closed_by_peer(stalled, 0), "served the other client only after the stall"
             assert closed_by_peer(stalled, CLIENT_TIMEOUT)
             waited = time.monotonic() - started
@@ -451,7 +440,7 @@ def test_reload_rotates_certificate_for_new_connections(
         running(tls_certs, certfile=str(cert), keyfile=str(key)) as server,
         tls_connect(server.server_address, context) as before,
     ):
-        assert round_trip(before, b"one\n") == b"one\n"
+        assert exchange_line(before, b"one\n") == b"one\n"
         assert common_name(before.getpeercert()) == "server-1"
         old = server.tls_context
         install(tls_certs.server2.cert, cert)
@@ -459,8 +448,8 @@ def test_reload_rotates_certificate_for_new_connections(
         assert server.reload_tls() is server.tls_context is not old
         with tls_connect(server.server_address, context) as after:
             assert common_name(after.getpeercert()) == "server-2"
-            assert round_trip(after, b"two\n") == b"two\n"
-        assert round_trip(before, b"still here\n") == b"still here\n"
+            assert exchange_line(after, b"two\n") == b"two\n"
+        assert exchange_line(before, b"still here\n") == b"still here\n"
     tls_log.wait_for(f"TLS context reloaded from certfile={str(cert)!r}")
 
 
@@ -482,7 +471,7 @@ def test_failed_reload_keeps_old_context(
         assert server.tls_context is old
         with tls_connect(server.server_address, tls_certs.client_context()) as sock:
             assert common_name(sock.getpeercert()) == "server-1"
-            assert round_trip(sock, b"ok\n") == b"ok\n"
+            assert exchange_line(sock, b"ok\n") == b"ok\n"
 
 
 def test_reload_with_a_given_context(tls_certs: CertSet) -> None:

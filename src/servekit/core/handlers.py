@@ -3,20 +3,16 @@
 # wfile) and of a datagram.
 from __future__ import annotations
 
-import _socket
 import io
 import socket
 from typing import TYPE_CHECKING, Any, cast
+
+from servekit.core.kinds import TCP_FAMILIES, family_of
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # collections.abc.Buffer from 3.12 on
 
 __all__ = ["BaseRequestHandler", "DatagramRequestHandler", "StreamRequestHandler"]
-
-_TCP_FAMILIES = (int(socket.AF_INET), int(socket.AF_INET6))
-# The address family as a plain int: socket.socket.family is a Python property that
-# converts to an enum on every read (microseconds, per connection); the C member does not.
-_family_of = _socket.socket.family.__get__
 
 
 class BaseRequestHandler:
@@ -93,7 +89,7 @@ class StreamRequestHandler(BaseRequestHandler):
         self.connection = self.request
         if self.timeout is not None:
             self.connection.settimeout(self.timeout)
-        if self.disable_nagle_algorithm and _family_of(self.connection) in _TCP_FAMILIES:
+        if self.disable_nagle_algorithm and family_of(self.connection) in TCP_FAMILIES:
             # TCP only: on a Unix socket setsockopt() fails, and there is no Nagle there.
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         self.rfile = cast(io.BufferedIOBase, self.connection.makefile("rb", self.rbufsize))

@@ -34,7 +34,7 @@ from servekit.errors import ServekitError
 from servekit.features.addresses import format_peer
 from servekit.features.base import ServerFeature
 from servekit.features.connection import Connection, current_connection
-from servekit.features.pipeline import Stage, StageError, Step, peek_ready
+from servekit.features.pipeline import PEEK_NOW, Stage, StageError, Step, peek_ready
 from servekit.knobs import (
     knob,
     optional_positive,
@@ -57,9 +57,6 @@ log = logging.getLogger("servekit.limits")
 WAIT_MODES = ("none", "data", "line")
 # Bytes peeked first when waiting for a line (see WaitForRequest.ready).
 _FIRST_PEEK = 2048
-
-# An int, computed once: MSG_PEEK | MSG_DONTWAIT on the enum runs Flag.__or__ in Python.
-_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 def request_deadline() -> float | None:
@@ -151,11 +148,11 @@ class WaitForRequest(Stage):
             buffer = getattr(self._buffers, "buffer", None)
             if buffer is None:
                 buffer = self._buffers.buffer = bytearray(_FIRST_PEEK)
-            got = request.recv_into(buffer, _FIRST_PEEK, _PEEK_NOW)
+            got = request.recv_into(buffer, _FIRST_PEEK, PEEK_NOW)
             if got and buffer.find(b"\n", 0, got) >= 0:
                 return "ready"
             if got == _FIRST_PEEK and self.limit > _FIRST_PEEK:
-                peeked = request.recv(self.limit, _PEEK_NOW)
+                peeked = request.recv(self.limit, PEEK_NOW)
                 got = len(peeked)
                 if b"\n" in peeked:
                     return "ready"

@@ -15,7 +15,6 @@
 # their owner only) are servekit.features.unixfiles' business.
 from __future__ import annotations
 
-import _socket
 import dataclasses
 import errno
 import ipaddress
@@ -28,6 +27,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from servekit.core.kinds import STREAM, family_of, is_tcp, type_of
 from servekit.errors import ListenerError
 from servekit.features.activation import InheritedSocket, is_socket_activated, listen_fds
 from servekit.features.addresses import Address, AddressError, parse_addresses
@@ -617,14 +617,6 @@ def _set_tcp_options(sock: socket.socket, options: ListenerOptions, label: str) 
             ) from None
 
 
-# Plain ints from the C members: socket.socket.family and .type are Python properties
-# that build an enum on every read, which costs microseconds per accepted connection.
-_family_of = _socket.socket.family.__get__
-_type_of = _socket.socket.type.__get__
-_STREAM = int(socket.SOCK_STREAM)
-_TCP_FAMILIES = (int(socket.AF_INET), int(socket.AF_INET6))
-
-
 def _accept(listener: socket.socket, kind: type[socket.socket]) -> tuple[socket.socket, Any]:
     """listener.accept(), returning a kind (a socket.socket subclass), without the two
     enum conversions (family, type) socket.accept() makes per call.
@@ -637,11 +629,7 @@ def _accept(listener: socket.socket, kind: type[socket.socket]) -> tuple[socket.
     # _accept() is the C method socket.accept() itself wraps (socket.py): the documented
     # accept() builds the same socket, reading family and type through the properties.
     fd, address = listener._accept()  # type: ignore[attr-defined]
-    return kind(_family_of(listener), _type_of(listener), listener.proto, fd), address
-
-
-def _is_tcp(sock: socket.socket) -> bool:
-    return _type_of(sock) == _STREAM and _family_of(sock) in _TCP_FAMILIES
+    return kind(family_of(listener), type_of(listener), listener.proto, fd), address
 
 
 def _activate(listener: Listener, options: ListenerOptions, backlog: int) -> None:
@@ -652,7 +640,7 @@ def _activate(listener: Listener, options: ListenerOptions, backlog: int) -> Non
             sock.listen(backlog)
         except OSError as exc:
             raise ListenerError(exc.errno, f"cannot listen on {label}: {exc.strerror}") from None
-    if _is_tcp(sock):
+    if is_tcp(sock):
         # Inherited listeners too: these options describe the connections we accept.
         _set_tcp_options(sock, options, label)
     unix_file = listener._unix_file
@@ -920,9 +908,9 @@ class ListenersMixIn(ListenerOptions, ServerFeature):
         listener = self.ready_listener
         if not isinstance(listener, socket.socket):
             listener = self.socket
-        if _type_of(listener) == _STREAM:
+        if type_of(listener) == STREAM:
             connection, client_address = _accept(listener, self.accepted_socket_class)
-            if not KERNEL_COPIES_TCP_OPTIONS and _is_tcp(connection):
+            if not KERNEL_COPIES_TCP_OPTIONS and is_tcp(connection):
                 try:
                     _set_tcp_options(connection, self, "accepted connection")
                 except OSError:

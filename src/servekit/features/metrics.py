@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 
 from servekit.core import StreamRequestHandler, TCPServer, ThreadingMixIn
 from servekit.errors import ServekitError
+from servekit.features import forks
 from servekit.features.addresses import AddressError, format_peer, parse_address
 from servekit.features.base import ServerFeature
 from servekit.features.connection import OUTCOMES, Connection
@@ -137,18 +138,6 @@ _OTHER = F["closed:other"]
 
 _monotonic = time.monotonic
 
-# Incremented in every child right after fork: a recorder made before the fork (in
-# another process) is told apart from this process's without a getpid() per hook.
-_forks = 0
-
-
-def _after_fork_in_child() -> None:
-    global _forks
-    _forks += 1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
 
 class MetricsTable:
     """SLOTS rows of 64-bit counters in an anonymous shared mapping.
@@ -207,7 +196,7 @@ class _Recorder:
     )
 
     def __init__(self, view: memoryview, slot: int, *, access_log: bool, counting: bool) -> None:
-        self.forks = _forks
+        self.forks = forks.count
         #: The server's access_log knob, read once (a knob read is a descriptor call).
         self.access_log = access_log
         #: Whether to count at all: only when someone can read the counts (metrics_bind
@@ -335,7 +324,7 @@ class MetricsMixIn(ServerFeature):
     def _rec(self) -> _Recorder:
         """This process's writer, claiming its row on first use in the process."""
         recorder = self._recorder
-        if recorder is not None and recorder.forks == _forks:
+        if recorder is not None and recorder.forks == forks.count:
             return recorder
         context = getattr(self, "worker_context", None)
         slot = 0 if context is None else 1 + context.index
@@ -406,7 +395,7 @@ class MetricsMixIn(ServerFeature):
     def service_actions(self) -> None:
         super().service_actions()
         recorder = self._recorder
-        if recorder is None or recorder.forks != _forks:
+        if recorder is None or recorder.forks != forks.count:
             recorder = self._rec()
         now = _monotonic()
         if now >= recorder.gauges_due:
@@ -444,7 +433,7 @@ class MetricsMixIn(ServerFeature):
 
     def connection_opened(self, connection: Connection) -> None:
         recorder = self._recorder
-        if recorder is None or recorder.forks != _forks:
+        if recorder is None or recorder.forks != forks.count:
             recorder = self._rec()
         if recorder.counting or recorder.access_log:
             recorder.live[id(connection)] = _Live(
@@ -464,7 +453,7 @@ class MetricsMixIn(ServerFeature):
     def message_started(self, connection: Connection) -> None:
         super().message_started(connection)
         recorder = self._recorder
-        if recorder is None or recorder.forks != _forks:
+        if recorder is None or recorder.forks != forks.count:
             recorder = self._rec()
         if not recorder.counting:
             return
@@ -490,7 +479,7 @@ class MetricsMixIn(ServerFeature):
     def _count_close(self, connection: Connection) -> None:
         now = _monotonic()
         recorder = self._recorder
-        if recorder is None or recorder.forks != _forks:
+        if recorder is None or recorder.forks != forks.count:
             recorder = self._rec()
         live = recorder.live.pop(id(connection), None)
         ended = None

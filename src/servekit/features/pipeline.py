@@ -55,6 +55,7 @@ from servekit.features.connection import (
 from servekit.features.messages import message_loop_of
 
 __all__ = [
+    "PEEK_NOW",
     "PEER_GONE",
     "ConnectionPipeline",
     "Stage",
@@ -76,8 +77,9 @@ _ARM_ONCE = select.EPOLLET | select.EPOLLONESHOT
 _PARKED = ConnectionState.PARKED
 _HANDLING = ConnectionState.HANDLING
 _monotonic = time.monotonic
-# An int, computed once: MSG_PEEK | MSG_DONTWAIT on the enum runs Flag.__or__ in Python.
-_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+#: MSG_PEEK | MSG_DONTWAIT as an int, computed once (| on the enum runs Flag.__or__ in
+#: Python): a peek that never waits, for the stages' and the loop's peeks.
+PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 # Longest and shortest gap between deadline sweeps: a timeout fires at most this late.
 _SWEEP_MAX = 1.0
 _SWEEP_MIN = 0.05
@@ -353,17 +355,14 @@ class ConnectionPipeline:
         connection.timeout = sock.gettimeout()
         sock.setblocking(False)
         self.connections[connection.fd] = connection
-        stages = self.stages
-        if stages and stages[0].reads_first:
+        # A first stage that reads waits for readability (Stage.reads_first): armed now.
+        reads_first = bool(self.stages) and self.stages[0].reads_first
+        if reads_first:
             connection.state = ConnectionState.PREAMBLE
-            self.epoll.register(connection.fd, _IN | _ARM_ONCE)
-            self.server.connection_opened(connection)
-            self._enter(connection, 0)
-            return
-        self.epoll.register(connection.fd, _ARM_ONCE)
+        self.epoll.register(connection.fd, (_IN | _ARM_ONCE) if reads_first else _ARM_ONCE)
         self.server.connection_opened(connection)
         self._enter(connection, 0)
-        if self._advance(connection, on_loop=True):
+        if not reads_first and self._advance(connection, on_loop=True):
             self._dispatch(connection)
 
     def on_ready(self) -> None:
@@ -830,7 +829,7 @@ def peek_ready(connection: Connection, *, readable: bool = False) -> str:
             poller.register(fd, select.POLLIN)
             if not poller.poll(0):
                 return "wait"
-        peeked = socket.socket.recv(request, 1, _PEEK_NOW)
+        peeked = socket.socket.recv(request, 1, PEEK_NOW)
     except BlockingIOError:
         return "wait"
     except OSError:

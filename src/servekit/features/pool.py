@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from servekit.core import ServerState, TCPServer, ThreadingMixIn, UDPServer
+from servekit.features import forks
 from servekit.features.base import ServerFeature
 from servekit.features.connsocket import ConnectionSocket
 from servekit.features.pipeline import ConnectionPipeline
@@ -299,18 +300,6 @@ class WorkerPool:
             return self._busy == 0
 
 
-# Forks of this process so far, so that a forked child tells its parent's runtime from its
-# own without a getpid() system call per connection.
-_forks = 0
-
-
-def _after_fork_in_child() -> None:
-    global _forks
-    _forks += 1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
 # Connections taken from the kernel's backlog in one shutdown, at most: a bound on the
 # work a stop can be asked to do (somaxconn, the largest backlog, is 4096 by default).
 BACKLOG_DRAIN_LIMIT = 4096
@@ -325,11 +314,10 @@ def _drain_at_exit(ref: weakref.ReferenceType[ThreadPoolMixIn]) -> None:
 class _Runtime:
     """What a ThreadPoolMixIn server holds in one process: its pool and pipeline."""
 
-    __slots__ = ("drained", "forks", "pid", "pipeline", "pool")
+    __slots__ = ("drained", "forks", "pipeline", "pool")
 
     def __init__(self, pool: WorkerPool) -> None:
-        self.pid = os.getpid()
-        self.forks = _forks
+        self.forks = forks.count
         self.pool = pool
         self.pipeline: ConnectionPipeline | None = None
         self.drained = False
@@ -421,7 +409,7 @@ class ThreadPoolMixIn(ServerFeature):
 
     def _here(self) -> _Runtime | None:
         runtime: _Runtime | None = getattr(self, "_runtime", None)
-        if runtime is None or runtime.forks != _forks:
+        if runtime is None or runtime.forks != forks.count:
             return None
         return runtime
 
