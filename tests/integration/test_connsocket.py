@@ -3,6 +3,7 @@ trying I/O before polling; checked over real socket pairs and a real pool server
 
 from __future__ import annotations
 
+import http.server
 import socket
 import threading
 import time
@@ -141,3 +142,190 @@ def test_pool_servers_hand_handlers_a_connection_socket() -> None:
             assert exchange_line(client, b"again\n") == b"again\n"
     assert _Echo.kinds and issubclass(_Echo.kinds[0], ConnectionSocket)
     assert issubclass(_Echo.kinds[0], socket.socket)
+
+
+# -- holding a response head ---------------------------------------------------------------
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"
+
+
+def _nothing_to_read(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        sock.recv(1)
+    except BlockingIOError:
+        return True
+    finally:
+        sock.setblocking(True)
+    return False
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(5)
+    data = b""
+    for _ in range(n):  # at most n reads
+        if len(data) >= n:
+            break
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_a_held_head_leaves_with_the_body_in_one_send(pair) -> None:
+    ours, peer = pair
+    ours.hold_head()
+    ours.sendall(HEAD)
+    assert _nothing_to_read(peer)  # held
+    ours.sendall(b"body")
+    # One send(): the peer's single recv() gets head and body together.
+    peer.settimeout(5)
+    assert peer.recv(1000) == HEAD + b"body"
+
+
+def test_only_a_head_is_held_and_only_the_first_write(pair) -> None:
+    ours, peer = pair
+    ours.hold_head()
+    ours.sendall(b"not a head\n")  # not held: it is not a head alone
+    assert _read_exactly(peer, 11) == b"not a head\n"
+    ours.sendall(HEAD)  # a head, but not the first write since hold_head()
+    assert _read_exactly(peer, len(HEAD)) == HEAD
+
+
+def test_a_read_sends_the_held_head_first(pair) -> None:
+    """'100 Continue' must reach the client before the server waits for the body."""
+    ours, peer = pair
+    ours.settimeout(5)
+    ours.hold_head()
+    ours.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+    answered = threading.Event()
+
+    def client() -> None:
+        if _read_exactly(peer, 25) == b"HTTP/1.1 100 Continue\r\n\r\n":
+            answered.set()
+            peer.sendall(b"the body")
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        assert ours.recv(100) == b"the body"
+    finally:
+        thread.join(5)
+    assert answered.is_set()
+
+
+@pytest.mark.parametrize("how", ["release_head", "close", "shutdown", "send"])
+def test_a_held_head_is_never_lost(pair, how: str) -> None:
+    ours, peer = pair
+    ours.hold_head()
+    ours.sendall(HEAD)
+    if how == "release_head":
+        ours.release_head()
+    elif how == "close":
+        ours.close()
+    elif how == "shutdown":
+        ours.shutdown(socket.SHUT_WR)
+    else:
+        ours.send(b"body")
+    expected = HEAD + (b"body" if how == "send" else b"")
+    assert _read_exactly(peer, len(expected)) == expected
+
+
+def test_release_without_a_held_head_sends_nothing_and_disarms(pair) -> None:
+    ours, peer = pair
+    ours.hold_head()
+    ours.release_head()
+    assert _nothing_to_read(peer)
+    ours.sendall(HEAD)  # no longer armed: sent at once
+    assert _read_exactly(peer, len(HEAD)) == HEAD
+
+
+class _Upload(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_PUT(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(b"hello")
+
+    do_HEAD = do_GET
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _read_until(sock: socket.socket, end: bytes) -> bytes:
+    data = b""
+    for _ in range(1000):  # bounded; each recv() bounded by the socket timeout
+        if data.endswith(end):
+            break
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_http_server_handlers_keep_working_with_held_heads() -> None:
+    """GET, HEAD and a PUT with "Expect: 100-continue" on one keep-alive connection of a
+    pool server: the 100 Continue reaches the client before the server waits for the
+    body (a read sends a held head), every answer is whole and in order."""
+    with serving(_PoolServer("127.0.0.1:0", _Upload, max_threads=2)) as server:
+        host, port = server.server_address[:2]
+        with socket.create_connection((host, port), timeout=5) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert _read_until(client, b"hello").startswith(b"HTTP/1.1 200 OK\r\n")
+            client.sendall(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = _read_until(client, b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 5" in head
+            client.sendall(
+                b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+            )
+            assert _read_until(client, b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            client.sendall(b"data")
+            answer = _read_until(client, b"data")
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\ndata")
+
+
+class _Stream(http.server.BaseHTTPRequestHandler):
+    """A server-sent-events style handler: the head, then a wait on something else."""
+
+    protocol_version = "HTTP/1.1"
+    hold_response_head = False
+    go = threading.Event()
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        if self.go.wait(5):
+            self.wfile.write(b"data: 1\n\n")
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_handler_can_opt_out_of_held_heads() -> None:
+    """hold_response_head = False: the head leaves at once, before the first event."""
+    _Stream.go.clear()
+    with serving(_PoolServer("127.0.0.1:0", _Stream, max_threads=2)) as server:
+        host, port = server.server_address[:2]
+        with socket.create_connection((host, port), timeout=5) as client:
+            client.sendall(b"GET /events HTTP/1.1\r\nHost: t\r\n\r\n")
+            try:
+                head = _read_until(client, b"\r\n\r\n")
+            finally:
+                _Stream.go.set()
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert _read_until(client, b"data: 1\n\n") == b"data: 1\n\n"

@@ -19,6 +19,18 @@
 # Only the waiting strategy differs from socket.socket's; what a handler sees (values,
 # exceptions, timeouts) does not. ListenersMixIn creates it for the servers whose
 # concurrency mix-in asks for it (ThreadPoolMixIn.accepted_socket_class).
+#
+# Response heads. http.server's handlers write a response in two writes, the head
+# (end_headers()) and then the body, so every response costs two send() calls, two
+# segments on the wire and two wake-ups of the client. hold_head() holds the next write
+# if it is a head alone (ends with an empty line) and sends it together with whatever
+# comes next: the body's first write, in one send(). Anything else the handler does
+# with the socket first -- a read (a "100 Continue" waits for the body), another kind
+# of send, shutdown(), close() -- sends the head at once, and the connection pipeline
+# sends it at the end of the message whatever happens (release_head()), so a head is
+# never held while the handler waits for its client. Only a head followed by a wait on
+# something else (a server-sent event stream's first event) is delayed until the next
+# write; such a handler sets hold_response_head = False (see servekit.features.messages).
 from __future__ import annotations
 
 import _socket
@@ -35,17 +47,70 @@ _C = _socket.socket  # the C methods, which never poll on a timeout of 0.0
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _monotonic = time.monotonic
+# Longest head held, and longest body joined to it (a copy: a larger body is sent by
+# itself, right after the head).
+_HEAD_MAX = 16384
+_JOIN_MAX = 65536
 
 
 class ConnectionSocket(socket.socket):
     """socket.socket with a timeout that costs a system call only when it must wait."""
 
-    __slots__ = ("_wait_timeout",)
+    __slots__ = ("_held", "_hold", "_wait_timeout")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._wait_timeout: float | None = None  # accept() returns blocking sockets
+        #: hold_head() was called and no write came since: the next one may be held.
+        self._hold = False
+        #: The head being held.
+        self._held: bytes | None = None
         _C.settimeout(self, 0.0)  # the descriptor: non-blocking for good
+
+    # -- holding a response head (see the strategy comment) ------------------------------
+
+    def hold_head(self) -> None:
+        """Hold the next write if it is a response head alone (bytes ending with an empty
+        line), to send it with the next one. Any other use of the socket, or
+        release_head(), sends it first."""
+        self._hold = True
+
+    def release_head(self) -> None:
+        """Send a held head now, and hold nothing more (the end of a message)."""
+        self._hold = False
+        held = self._held
+        if held is not None:
+            self._held = None
+            self.sendall(held)
+
+    def _release_quietly(self) -> None:
+        # Before shutdown(), close() and detach(): the head goes out first, as it would
+        # have without holding; a client already gone cannot be sent to, which is not
+        # this call's error to report (the handler's own I/O reports it).
+        try:
+            self.release_head()
+        except OSError:
+            pass
+
+    def shutdown(self, how: int) -> None:
+        if self._hold or self._held is not None:
+            self._release_quietly()
+        super().shutdown(how)
+
+    def close(self) -> None:
+        if self._hold or self._held is not None:
+            self._release_quietly()
+        super().close()
+
+    def detach(self) -> int:
+        if self._hold or self._held is not None:
+            self._release_quietly()
+        return super().detach()
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        if self._hold or self._held is not None:
+            self.release_head()
+        return super().sendfile(file, offset, count)
 
     # -- the timeout, as the handler sees it ---------------------------------------------
 
@@ -92,6 +157,8 @@ class ConnectionSocket(socket.socket):
     # -- reading -------------------------------------------------------------------------
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if self._held is not None:
+            self.release_head()
         try:
             return _C.recv(self, bufsize, flags)
         except BlockingIOError:
@@ -99,6 +166,8 @@ class ConnectionSocket(socket.socket):
             return result
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        if self._held is not None:
+            self.release_head()
         try:
             return _C.recv_into(self, buffer, nbytes, flags)
         except BlockingIOError:
@@ -106,6 +175,8 @@ class ConnectionSocket(socket.socket):
             return result
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
+        if self._held is not None:
+            self.release_head()
         try:
             return _C.recvfrom(self, bufsize, flags)
         except BlockingIOError:
@@ -113,6 +184,8 @@ class ConnectionSocket(socket.socket):
             return result
 
     def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
+        if self._held is not None:
+            self.release_head()
         try:
             return _C.recvfrom_into(self, buffer, nbytes, flags)
         except BlockingIOError:
@@ -122,12 +195,16 @@ class ConnectionSocket(socket.socket):
             return result
 
     def recvmsg(self, *args: Any) -> Any:
+        if self._held is not None:
+            self.release_head()
         try:
             return _C.recvmsg(self, *args)
         except BlockingIOError:
             return self._wait_and(_POLLIN, _C.recvmsg, *args)
 
     def recvmsg_into(self, *args: Any) -> Any:
+        if self._held is not None:
+            self.release_head()
         try:
             return _C.recvmsg_into(self, *args)
         except BlockingIOError:
@@ -136,6 +213,8 @@ class ConnectionSocket(socket.socket):
     # -- writing -------------------------------------------------------------------------
 
     def send(self, data: Any, flags: int = 0) -> int:
+        if self._hold or self._held is not None:
+            self.release_head()
         try:
             return _C.send(self, data, flags)
         except BlockingIOError:
@@ -143,6 +222,8 @@ class ConnectionSocket(socket.socket):
             return result
 
     def sendto(self, data: Any, *args: Any) -> int:
+        if self._hold or self._held is not None:
+            self.release_head()
         try:
             return _C.sendto(self, data, *args)
         except BlockingIOError:
@@ -150,6 +231,8 @@ class ConnectionSocket(socket.socket):
             return result
 
     def sendmsg(self, *args: Any) -> int:
+        if self._hold or self._held is not None:
+            self.release_head()
         try:
             return _C.sendmsg(self, *args)
         except BlockingIOError:
@@ -157,6 +240,24 @@ class ConnectionSocket(socket.socket):
             return result
 
     def sendall(self, data: Any, flags: int = 0) -> None:
+        if self._hold:
+            self._hold = False  # one write per hold_head(): this one
+            if (
+                not flags
+                and type(data) is bytes
+                and len(data) <= _HEAD_MAX
+                and data.endswith(b"\r\n\r\n")
+                and self._held is None
+            ):
+                self._held = data  # a head: wait for the body
+                return
+        held = self._held
+        if held is not None:
+            self._held = None
+            if type(data) is bytes and len(data) <= _JOIN_MAX:
+                data = held + data  # head and body in one send()
+            else:
+                self.sendall(held)
         try:
             sent = _C.send(self, data, flags)
         except BlockingIOError:

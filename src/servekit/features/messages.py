@@ -23,7 +23,7 @@ from typing import Any
 
 from servekit.core.handlers import StreamRequestHandler
 
-__all__ = ["MessageHandler", "message_loop_of"]
+__all__ = ["MessageHandler", "holds_response_head", "message_loop_of"]
 
 # Marks a handle() that is only "handle_one_request() until close_connection"; the value
 # is close_connection's initial value for the first message.
@@ -45,6 +45,11 @@ class MessageHandler(StreamRequestHandler):
     """
 
     close_connection: bool = False
+    #: On a pool server, hold a write that is a response head alone (ends with an empty
+    #: line) until the next write, and send both in one send()
+    #: (servekit.features.connsocket). For protocols that write a head and then a body
+    #: in two writes; off here, on by default for http.server's handlers.
+    hold_response_head: bool = False
 
     def handle(self) -> None:
         """Call handle_one_request() until close_connection. Do not override: a handler
@@ -79,3 +84,20 @@ def message_loop_of(handler_class: Any) -> bool | None:
     if base is not None and handle is base.handle:
         return True
     return None
+
+
+def holds_response_head(handler_class: Any) -> bool:
+    """Whether a pool server holds this handler's response heads for its bodies.
+
+    A class's own hold_response_head decides; without one, True for http.server's
+    handlers (BaseHTTPRequestHandler writes the head and the body in two writes). A
+    handler that writes a head and then waits on something other than its client
+    before the body (a server-sent event stream) sets hold_response_head = False, so
+    the head leaves at once instead of with the first event.
+    """
+    own = getattr(handler_class, "hold_response_head", None)
+    if own is not None:
+        return bool(own)
+    http = sys.modules.get("http.server")  # never import it ourselves
+    base = getattr(http, "BaseHTTPRequestHandler", None)
+    return base is not None and isinstance(handler_class, type) and issubclass(handler_class, base)

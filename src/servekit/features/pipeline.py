@@ -52,7 +52,8 @@ from servekit.features.connection import (
     _set_current,
     current_connection,
 )
-from servekit.features.messages import message_loop_of
+from servekit.features.connsocket import ConnectionSocket
+from servekit.features.messages import holds_response_head, message_loop_of
 
 __all__ = [
     "PEEK_NOW",
@@ -312,6 +313,7 @@ class ConnectionPipeline:
         self.closing = False
         self._factory_source: Any = None
         self._factory: Any = None
+        self._hold_heads = False
         timeouts = [s.timeout() for s in self.stages] + [idle_timeout]
         shortest = min((t for t in timeouts if t is not None), default=4 * _SWEEP_MAX)
         self.sweep_interval = min(_SWEEP_MAX, max(_SWEEP_MIN, shortest / 4))
@@ -565,10 +567,12 @@ class ConnectionPipeline:
             # settimeout() is a system call), so nothing in the loop may read it
             # expecting not to wait (peek_ready() polls first).
             request.settimeout(connection.timeout)
+        # A response head waits for its body (ConnectionSocket.hold_head()); not on TLS.
+        hold = self._hold_heads and type(request) is ConnectionSocket
         while True:
             connection.messages += 1
             server.message_started(connection)
-            error = self._one_message(connection)
+            error = self._one_message(connection, hold)
             handler = connection.handler
             if error or handler is None or handler.close_connection:
                 self._close(connection, "")
@@ -580,15 +584,19 @@ class ConnectionPipeline:
                 break
         self._park(connection)
 
-    def _one_message(self, connection: Connection) -> bool:
+    def _one_message(self, connection: Connection, hold: bool = False) -> bool:
         """Run one message; True if the connection must close because of an error."""
         try:
+            if hold:
+                connection.request.hold_head()
             if connection.handler is None:
                 self.server.finish_request(connection.request, connection.client_address)
                 if connection.handler is None:
                     return True  # the constructor did not reach handle()
             else:
                 connection.handler.handle_one_request()
+            if hold:
+                connection.request.release_head()  # a head with no body after it
         except Exception as exc:
             self._report(connection, exc)
             return True
@@ -621,6 +629,8 @@ class ConnectionPipeline:
         if source is not self._factory_source:  # changed by a reload
             self._factory = parkable_factory(source)
             self._factory_source = source
+            handler_class = source.func if isinstance(source, functools.partial) else source
+            self._hold_heads = self._factory is not None and holds_response_head(handler_class)
         return self._factory
 
     def _park(self, connection: Connection) -> None:
