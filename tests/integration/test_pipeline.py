@@ -398,6 +398,23 @@ def test_shutdown_serves_connections_the_kernel_had_queued() -> None:
             assert reader.readline() == b""
 
 
+def test_a_silent_connection_in_the_backlog_does_not_hold_up_the_stop() -> None:
+    """A client queued in the backlog when the loop stops that never sends its request is closed after the shutdown grace (0.25 s), not after request_timeout: Ctrl-C must not wait for it."""
+    server = LimitsPool((LOCALHOST, 0), EchoHandler, max_threads=4, request_timeout=20)
+    with serving(server):
+        server.shutdown()
+        silent = connect(server.server_address, TIMEOUT)  # in the backlog, says nothing
+        talker = connect(server.server_address, TIMEOUT)
+        talker.sendall(b"hello\n")
+        started = time.monotonic()
+        server.server_close()
+        took = time.monotonic() - started
+    with silent, talker, talker.makefile("rb") as reader:
+        assert reader.readline() == b"hello\n"  # the one with a request was served
+        assert closed_by_peer(silent, TIMEOUT)
+    assert took < 2.0, took
+
+
 def test_drain_waits_once_for_hung_handlers(caplog: pytest.LogCaptureFixture) -> None:
     """A handler that hangs past drain_timeout delays server_close() by drain_timeout once, with a warning; daemon pool threads do not hold the process."""
     release = threading.Event()

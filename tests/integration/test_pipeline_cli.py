@@ -62,6 +62,31 @@ def test_echo_on_a_unix_socket(tmp_path: Path) -> None:
     assert "Traceback" not in "\n".join(server.lines)
 
 
+def test_http_server_handler_on_a_unix_socket(tmp_path: Path) -> None:
+    """`servekit serve` with an unmodified SimpleHTTPRequestHandler on a Unix socket answers 200 and logs the peer as "unix:" (http.server's address_string() reads client_address[0], which fails on a Unix peer)."""
+    path = tmp_path / "http.sock"
+    with ServerProcess.cli(
+        "serve", "http.server:SimpleHTTPRequestHandler", "--bind", f"unix:{path}"
+    ) as server:
+        server.wait_for("servekit: ready")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(path))
+            sock.sendall(b"GET /README.md HTTP/1.0\r\n\r\n")
+            response = b""
+            for _ in range(1000):  # bounded; HTTP/1.0: the server closes when done
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                response += chunk
+        assert response.startswith(b"HTTP/1.0 200 OK\r\n"), response[:200]
+        assert b"servekit" in response
+        server.wait_for(r'unix: - - \[.*\] "GET /README.md HTTP/1.0" 200')
+        server.send(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
+    assert "Traceback" not in "\n".join(server.lines)
+
+
 def test_prefork_reuse_port_listeners_keep_tcp_nodelay() -> None:
     """Pre-fork with --reuse-port: each worker's own listener comes from the listener code, so accepted connections have TCP_NODELAY."""
     with ServerProcess.cli(

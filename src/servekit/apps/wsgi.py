@@ -45,6 +45,7 @@ from typing import Any, Final, TypeAlias, cast
 from urllib.parse import unquote
 
 from servekit import __version__
+from servekit.core.kinds import TCP_FAMILIES, family_of
 from servekit.core.server import ServerState
 from servekit.errors import ServekitError
 from servekit.features.addresses import format_peer
@@ -566,7 +567,11 @@ class WSGIRequestHandler(MessageHandler):
         if sock.gettimeout() is not None:
             self.timeout = None  # the server's own timeout stands
         # TCP_NODELAY: a response is written whole, so Nagle's algorithm only delays it.
-        self.disable_nagle_algorithm = sock.family in (socket.AF_INET, socket.AF_INET6)
+        # A server with tcp_nodelay (servekit's default) set it on the listener, which
+        # the connection inherited: no system call per connection for it here.
+        self.disable_nagle_algorithm = family_of(sock) in TCP_FAMILIES and not getattr(
+            self.server, "tcp_nodelay", False
+        )
         super().setup()
         if not hasattr(self.rfile, "peek"):
             raise TypeError(f"{type(self).__name__} needs a buffered rfile (rbufsize != 0)")

@@ -156,7 +156,43 @@ def load_handler(target: str, *, reload: bool = False) -> type:
             f"socketserver.BaseRequestHandler{hint}"
         )
     assert isinstance(obj, type)
-    return obj
+    return _with_unix_peers(obj)
+
+
+def _with_unix_peers(handler_class: type) -> type:
+    """handler_class, or for an http.server handler a subclass that can log a Unix peer.
+
+    BaseHTTPRequestHandler.address_string() returns client_address[0], the host of a TCP
+    peer; on a Unix socket client_address is the peer's path, usually '' (an unbound
+    client), so every request raised IndexError while logging itself and the client got
+    no answer (the standard library's http.server fails the same way). The command
+    serves Unix sockets (--bind unix:PATH), so it gives such handlers the address as
+    nginx logs it, "unix:" and the peer's path, if any. A handler with its own
+    address_string() is left alone; library code that builds its own server keeps the
+    stdlib's behaviour.
+    """
+    http = sys.modules.get("http.server")  # imported by the handler's module if it is one
+    base = getattr(http, "BaseHTTPRequestHandler", None)
+    if (
+        base is None
+        or not issubclass(handler_class, base)
+        or getattr(handler_class, "address_string", None) is not base.address_string
+    ):
+        return handler_class
+
+    def address_string(self: Any) -> str:
+        address = self.client_address
+        if isinstance(address, tuple):
+            return str(address[0])
+        return "unix:" + (os.fsdecode(address) if address else "")
+
+    namespace = {
+        "address_string": address_string,
+        "__module__": handler_class.__module__,
+        "__qualname__": handler_class.__qualname__,
+        "__doc__": handler_class.__doc__,
+    }
+    return type(handler_class.__name__, (handler_class,), namespace)
 
 
 def load_app(target: str, *, reload: bool = False) -> Callable[..., Any]:

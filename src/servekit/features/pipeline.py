@@ -75,6 +75,7 @@ PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, ssl.
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _ARM_ONCE = select.EPOLLET | select.EPOLLONESHOT
+_PARK_MASK = _IN | _ARM_ONCE
 _PARKED = ConnectionState.PARKED
 _HANDLING = ConnectionState.HANDLING
 _monotonic = time.monotonic
@@ -648,7 +649,7 @@ class ConnectionPipeline:
             return
         connection.waiting_armed = False
         try:
-            self.epoll.modify(connection.fd, _IN | _ARM_ONCE)  # last: the loop owns it now
+            self.epoll.modify(connection.fd, _PARK_MASK)  # last: the loop owns it now
         except (OSError, ValueError):
             pass  # closed under us by the shutdown sequence: nothing to arm
 
@@ -764,8 +765,12 @@ class ConnectionPipeline:
     def serve_blocking(self, sock: socket.socket, peer: Any) -> None:
         """Serve one connection whole on this thread: preamble, one handler run, close.
 
-        For connections taken from the backlog during shutdown: no parking.
+        For connections taken from the backlog during shutdown: no parking, and the
+        preamble gets SHUTDOWN_GRACE, as a connection the loop had already admitted does
+        (close_idle()): a client that connected and says nothing must not hold up the
+        stop for its whole request_timeout.
         """
+        until = time.monotonic() + SHUTDOWN_GRACE
         connection = Connection(sock, peer)
         connection.closing = True
         self.connections[connection.fd] = connection
@@ -773,7 +778,7 @@ class ConnectionPipeline:
         connection.state = ConnectionState.HANDLING
         _set_current(connection)
         try:
-            if not run_stages_blocking(self.server, connection, self.stages):
+            if not run_stages_blocking(self.server, connection, self.stages, until=until):
                 if self._remove(connection):
                     self._close_socket(connection)
                 return
