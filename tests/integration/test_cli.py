@@ -402,11 +402,12 @@ def test_help_shows_real_metavars_choices_and_defaults() -> None:
     assert "--workers N" in text and "number of worker processes (default: 1)" in flat
     assert "--proxy-protocol {off,v1,v2,any}" in text
     assert "off serves clients directly (default: off)" in flat
-    assert "--wait-for-request {none,data,line}" in text
+    assert "--wait-for-request {none,data,line,head,auto}" in text
     assert "--unix-socket-mode MODE" in text and "(default: 0o660)" in flat
     assert "--certfile PATH" in text and "--pid FILE" in text
     echo = " ".join(run_cli("echo", "--help").stdout.split())
-    assert "(default: line)" in echo  # echo waits for a whole first line
+    # One default for every command: the handler says what to wait for (echo: a line).
+    assert "what the handler class declares" in echo and "(default: auto)" in echo
 
 
 def test_wsgi_command_is_listed_with_its_help() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server as http_server
 import logging
 import socket
 import threading
@@ -254,3 +255,157 @@ def test_readline_limited() -> None:
     with pytest.raises(LineTooLongError, match="longer than 10 bytes"):
         readline_limited(stream, 10)
     assert readline_limited(io.BytesIO(b""), 10) == b""
+
+
+# -- what to wait for: the handler says (wait_for_request="auto") ------------------------------
+
+
+def test_request_wait_of_reads_the_handler_class() -> None:
+    """auto resolves to what the handler declares: http.server's handlers a whole head, the echo handler a line, the WSGI handler a head, anything else its first bytes."""
+    import functools
+    import http.server
+
+    from servekit.apps.echo import EchoHandler
+    from servekit.apps.wsgi import WSGIRequestHandler
+    from servekit.features.messages import request_wait_of
+
+    simple = http.server.SimpleHTTPRequestHandler
+    assert request_wait_of(simple) == "head"
+    assert request_wait_of(functools.partial(simple, directory="/")) == "head"
+    assert request_wait_of(EchoHandler) == "line"
+    assert request_wait_of(WSGIRequestHandler) == "head"
+    assert request_wait_of(Echo) == "data"
+
+    class Greeter(http.server.BaseHTTPRequestHandler):
+        wait_for_request = "none"
+
+    assert request_wait_of(Greeter) == "none"
+
+
+def test_a_handler_declaring_an_unknown_wait_is_refused() -> None:
+    class Odd(Echo):
+        wait_for_request = "sometimes"
+
+    with pytest.raises(ValueError, match="wait_for_request = 'sometimes'"):
+        Server((LOCALHOST, 0), Odd)
+
+
+@pytest.mark.parametrize(
+    ("data", "complete"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", True),
+        (b"GET / HTTP/1.1\nHost: x\n\n", True),  # bare LF, as http.server accepts
+        (b"GET / HTTP/1.1\r\n\r\n", True),  # no header at all
+        (b"GET /\r\n", True),  # HTTP/0.9: the request line is the request
+        (b"GET / HTTP/1.1\r\nHost: x\r\n", False),
+        (b"GET / HTTP/1.1\r\nHo", False),
+        (b"GET / HTTP/1.1", False),
+        (b"", False),
+    ],
+)
+def test_head_complete(data: bytes, complete: bool) -> None:
+    from servekit.features.limits import _head_complete
+
+    assert _head_complete(data, len(data)) is complete
+
+
+class _Page(http_server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _get(address: tuple[str, int], timeout: float = 5) -> bytes:
+    with connect(address, timeout) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        answer = b""
+        for _ in range(100):  # bounded; each recv() bounded by the timeout
+            if answer.endswith(b"\r\n\r\nok"):
+                break
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+@pytest.mark.timeout(60)
+def test_clients_trickling_their_headers_hold_no_thread() -> None:
+    """100 HTTP clients that send a request line and then one header byte every 0.3 s, against an http.server handler on 4 threads (wait_for_request left at auto: a whole head): none gets a thread, a real client is answered at once each time, and the slow ones are cut off at request_timeout."""
+    with (
+        Server((LOCALHOST, 0), _Page, max_threads=4, request_timeout=3.0) as server,
+        serving(server),
+    ):
+        slow = [connect(server.server_address) for _ in range(100)]
+        for sock in slow:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        stop = threading.Event()
+
+        def drip() -> None:
+            for _ in range(60):  # bounded: 18 s at most, stopped earlier
+                for sock in slow:
+                    try:
+                        sock.send(b"X")  # a header that never ends
+                    except OSError:
+                        pass
+                if stop.wait(0.3):
+                    return
+
+        dripper = threading.Thread(target=drip, daemon=True)
+        dripper.start()
+        try:
+            deadline = time.monotonic() + 10
+            while server.waiting_connections < 100 and time.monotonic() < deadline:
+                time.sleep(0.01)  # bounded readiness poll
+            assert server.waiting_connections == 100
+            assert server.pool.busy == 0
+            for _ in range(5):
+                started = time.monotonic()
+                assert _get(server.server_address).startswith(b"HTTP/1.1 200 OK\r\n")
+                assert time.monotonic() - started < 2.0
+            assert sum(closed_by_peer(sock, 10) for sock in slow) == 100
+        finally:
+            stop.set()
+            dripper.join(10)
+            for sock in slow:
+                sock.close()
+
+
+def test_head_mode_hands_a_whole_head_over_intact() -> None:
+    """A head that arrives in pieces is handed to the handler once complete, byte for byte (the peek leaves it in the kernel), and a pipelined second request is served too."""
+    with Server((LOCALHOST, 0), _Page, max_threads=2) as server, serving(server):
+        with connect(server.server_address) as sock:
+            for piece in (b"GET / HTTP/1.1\r\n", b"Host: t\r\n", b"Accept: */*\r\n"):
+                sock.sendall(piece)
+                time.sleep(0.05)  # pacing, so that the server sees the head in pieces
+            sock.sendall(b"\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = b""
+            for _ in range(100):  # bounded
+                if answer.count(b"\r\n\r\nok") == 2:
+                    break
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            assert answer.count(b"HTTP/1.1 200 OK\r\n") == 2
+
+
+def test_a_handler_that_speaks_first_is_not_kept_waiting() -> None:
+    """Under auto, a handler declaring wait_for_request = "none" gets the connection at once."""
+
+    class Banner(Echo):
+        wait_for_request = "none"
+
+        def handle(self) -> None:
+            self.wfile.write(b"220 ready\n")
+
+    with Server((LOCALHOST, 0), Banner) as server, serving(server):
+        with connect(server.server_address) as sock, sock.makefile("rb") as reader:
+            assert reader.readline() == b"220 ready\n"

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.timeout(30)
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
 
 
-def _setting(name: str, command: str = "serve") -> Setting:
-    return command_settings(command)[name]
+def _setting(name: str) -> Setting:
+    return command_settings()[name]
 
 
 # -- types derived from the declarations ------------------------------------------------------
@@ -90,7 +90,7 @@ def test_config_values_of_the_right_type_are_taken(name: str, value: Any, expect
         ("bind", "localhost", "missing ':PORT'"),
         ("log_level", "verbose", "expected one of debug, info, warning, error"),
         ("proxy_protocol", "v3", "expected one of off, v1, v2, any"),
-        ("wait_for_request", "lines", "expected one of none, data, line"),
+        ("wait_for_request", "lines", "expected one of none, data, line, head, auto"),
         ("tcp_nodelay", "yes", "expected true or false, not a string"),
         ("unix_socket_mode", 0o1777, "must be a permission mode"),
         ("graceful_timeout", [1], "expected a number of seconds, not an array"),
@@ -138,7 +138,7 @@ def test_metavars_say_what_to_type() -> None:
     assert metavars["certfile"] == "PATH"
     assert metavars["unix_socket_mode"] == "MODE"
     assert metavars["proxy_protocol"] == "{off,v1,v2,any}"
-    assert metavars["wait_for_request"] == "{none,data,line}"
+    assert metavars["wait_for_request"] == "{none,data,line,head,auto}"
     for name, metavar in metavars.items():
         assert not re.search(r"PARSE|OPTIONAL|^STR$|^INT$|^FLOAT$", metavar), (name, metavar)
 

@@ -26,6 +26,9 @@ class EchoHandler(MessageHandler):
     #: Longest line accepted, newline included. 64 KiB is the default line limit of
     #: asyncio streams, so a client that works against asyncio works here.
     max_line_length = 65536
+    # A new connection gets a thread once its first whole line is in (LimitsMixIn's
+    # wait_for_request="auto"): a client that never sends a newline costs no thread.
+    wait_for_request = "line"
     # No disable_nagle_algorithm: servekit's servers set TCP_NODELAY on the listener
     # (tcp_nodelay, on by default), which every accepted connection inherits; setting it
     # again here would be a system call per connection for nothing.

@@ -552,6 +552,9 @@ class WSGIRequestHandler(MessageHandler):
     timeout: float | None = 31.0
     #: The Server header and SERVER_SOFTWARE.
     server_software: str = SERVER_SOFTWARE
+    #: A new connection gets a thread once its whole request head is in (LimitsMixIn's
+    #: wait_for_request="auto"): a client trickling its headers costs no thread.
+    wait_for_request = "head"
 
     rbufsize = -1  # rfile must be a BufferedReader: the parser peeks into it
 

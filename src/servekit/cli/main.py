@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     echo = commands.add_parser("echo", help="a line echo server on the built-in handler")
-    _add_settings(echo, command_settings("echo"))
+    _add_settings(echo, command_settings())
 
     serve = commands.add_parser("serve", help="serve a handler class: servekit serve module:Class")
     serve.add_argument(
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the request handler class (a BaseRequestHandler subclass of servekit or "
         "socketserver); may instead be `target` in the [server] table of --config",
     )
-    _add_settings(serve, command_settings("serve"))
+    _add_settings(serve, command_settings())
 
     wsgi = commands.add_parser("wsgi", help="serve a WSGI application: servekit wsgi module:app")
     wsgi.add_argument(
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the WSGI application (default: a built-in hello app); may instead be "
         "`target` in the [server] table of --config",
     )
-    _add_settings(wsgi, command_settings("wsgi"))
+    _add_settings(wsgi, command_settings())
 
     config = commands.add_parser(
         "config", help="check the settings, or print them with where each came from"
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the effective settings as TOML, each with its origin "
         "(default, file, environment or flag)",
     )
-    _add_settings(config, command_settings("serve"))
+    _add_settings(config, command_settings())
     return parser
 
 
@@ -208,8 +208,7 @@ def _compose(resolved: Resolved, addresses: list[Address]) -> tuple[type, dict[s
 
 
 def _resolve(args: argparse.Namespace, environ: dict[str, str]) -> Resolved:
-    command = "serve" if args.command == "config" else args.command
-    settings = command_settings(command)
+    settings = command_settings()
     flags = {name: getattr(args, name, None) for name in settings}
     resolved = resolve(settings, config_path=args.config, environ=environ, flags=flags)
     positional = getattr(args, "target", None)

@@ -243,13 +243,9 @@ _COMMAND: dict[str, dict[str, Any]] = {
         "help": "expect a PROXY protocol header on every connection: v1, v2 or any "
         "(datagrams: v2 only); off serves clients directly",
     },
-    "wait_for_request": {"choices": ("none", "data", "line")},
+    "wait_for_request": {"choices": ("none", "data", "line", "head", "auto")},
     "proxy_trusted": {"metavar": "NETWORKS"},
 }
-
-# Defaults of one command only: echo reads lines, so a connection waits in the loop for
-# a whole first line before it takes a thread.
-_COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"echo": {"wait_for_request": "line"}}
 
 
 def all_knobs() -> list[Knob[Any]]:
@@ -264,7 +260,7 @@ def all_knobs() -> list[Knob[Any]]:
     return seen
 
 
-def command_settings(command: str = "serve") -> dict[str, Setting]:
+def command_settings() -> dict[str, Setting]:
     """The settings the command takes, by knob name, [server] first; knobs without a flag
     (Python only) are not among them."""
     settings: dict[str, Setting] = {}
@@ -272,9 +268,6 @@ def command_settings(command: str = "serve") -> dict[str, Setting]:
         if declared.cli_flag is None:
             continue
         extra = dict(_COMMAND.get(declared.name, {}))
-        for_command = _COMMAND_DEFAULTS.get(command, {})
-        if declared.name in for_command:
-            extra["default"] = for_command[declared.name]
         choices = tuple(declared.choices) or tuple(extra.get("choices", ()))
         off = extra.get("off")
         if choices:

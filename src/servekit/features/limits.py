@@ -7,12 +7,15 @@
 # every few seconds: "slowloris") would stall everyone else. So a connection waits for
 # its request as the last preamble stage of the connection pipeline (WaitForRequest):
 # a descriptor in the loop's epoll set, no thread. Only when its first bytes (or first
-# complete line) have arrived does a handler run; if that does not happen within
-# request_timeout it is closed. A parked connection's later messages are dispatched on
+# complete line, or whole HTTP request head) have arrived does a handler run; if that
+# does not happen within request_timeout it is closed. What to wait for is the handler's
+# to say (wait_for_request="auto", the default: see request_wait_of()): an http.server
+# handler given a thread on its first bytes would hold it for as long as a client takes
+# to trickle in its headers. A parked connection's later messages are dispatched on
 # their first bytes, and idle_timeout bounds how long it may stay parked (park_timeout()).
-# Checking for a line uses recv(MSG_PEEK), so the bytes stay in the kernel for the
-# handler: nothing is buffered here, and TLS connections (whose bytes are encrypted) wait
-# for data, not a line.
+# Checking for a line or a head uses recv(MSG_PEEK), so the bytes stay in the kernel for
+# the handler: nothing is buffered here, and TLS connections (whose bytes are encrypted)
+# wait for data, not a line.
 #
 # While a handler runs, idle_timeout bounds every read (a client silent that long is
 # cut off and logged, not reported as a handler error), and request_deadline() tells
@@ -28,12 +31,14 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from servekit.errors import ServekitError
 from servekit.features.addresses import format_peer
 from servekit.features.base import ServerFeature
 from servekit.features.connection import Connection, current_connection
+from servekit.features.messages import request_wait_of
 from servekit.features.pipeline import PEEK_NOW, Stage, StageError, Step, peek_ready
 from servekit.knobs import (
     knob,
@@ -54,9 +59,13 @@ __all__ = [
 
 log = logging.getLogger("servekit.limits")
 
-WAIT_MODES = ("none", "data", "line")
-# Bytes peeked first when waiting for a line (see WaitForRequest.ready).
+WAIT_MODES = ("none", "data", "line", "head", "auto")
+# Bytes peeked first when waiting for a line or a head (see WaitForRequest.ready).
 _FIRST_PEEK = 2048
+# A request head is looked for in this many bytes at most; a longer one goes to the
+# handler as it is (http.server answers it with 431 or 400 itself). 64 KiB is
+# http.server's own limit for one header line.
+HEAD_LIMIT = 65536
 
 
 def request_deadline() -> float | None:
@@ -97,14 +106,40 @@ def _check_wait_mode(value: str) -> str | None:
     return None if value in WAIT_MODES else f"must be one of {', '.join(WAIT_MODES)}"
 
 
+def _line_complete(data: bytes | bytearray, got: int) -> bool:
+    return data.find(b"\n", 0, got) >= 0
+
+
+def _head_complete(data: bytes | bytearray, got: int) -> bool:
+    """An HTTP request head is in data[:got]: its request line and headers, up to the
+    empty line that ends them (CRLF or bare LF, as http.server accepts both). A first
+    line without an HTTP version (HTTP/0.9, or not HTTP at all) is a request by itself."""
+    first = data.find(b"\n", 0, got)
+    if first < 0:
+        return False
+    if data.find(b"HTTP/", 0, first) < 0:
+        return True
+    return data.find(b"\n\r\n", first - 1, got) >= 0 or data.find(b"\n\n", first - 1, got) >= 0
+
+
 class WaitForRequest(Stage):
     """The last preamble stage: wait, without a thread, until a request has arrived."""
 
     name = "wait"
-    reads_first = True
 
-    def __init__(self, mode: str, request_timeout: float | None, limit: int) -> None:
+    def __init__(
+        self,
+        mode: str,
+        request_timeout: float | None,
+        limit: int,
+        handler_class: Callable[[], Any] | None = None,
+    ) -> None:
+        #: none, data, line, head, or auto: what handler_class() declares (see
+        #: servekit.features.messages.request_wait_of), looked up per connection so that
+        #: a reload that changes the handler class changes the wait too.
         self.mode = mode
+        self._handler_class = handler_class
+        self._resolved: tuple[Any, str] = (None, "data")
         self.request_timeout = request_timeout
         # Formatted once: every connection enters this stage.
         self._reason = f"no request within request_timeout={request_timeout}s"
@@ -112,6 +147,25 @@ class WaitForRequest(Stage):
         # One peek buffer per thread: the loop's is reused for every message; stages run
         # blocking on pool threads (servers without a pipeline) get their own.
         self._buffers = threading.local()
+
+    @property
+    def reads_first(self) -> bool:  # type: ignore[override]
+        # Armed for readability at accept, unless the handler speaks first.
+        return self.mode_now() != "none"
+
+    def mode_now(self) -> str:
+        """The mode in force: mode itself, or for "auto" what the handler class declares."""
+        if self.mode != "auto":
+            return self.mode
+        handler_class = None if self._handler_class is None else self._handler_class()
+        resolved = self._resolved
+        if resolved[0] is not handler_class:
+            mode = request_wait_of(handler_class)
+            # An invalid declaration is refused when the server is created; one brought
+            # in by a reload falls back to the plain wait.
+            valid = mode in WAIT_MODES and mode != "auto"
+            resolved = self._resolved = (handler_class, mode if valid else "data")
+        return resolved[1]
 
     def timeout(self) -> float | None:
         return self.request_timeout
@@ -136,25 +190,30 @@ class WaitForRequest(Stage):
         log.log(error.level, "%s: %s; closing", format_peer(connection.peer), error.reason)
 
     def ready(self, connection: Connection, events: int) -> str:
-        """'ready', 'wait' (nothing yet), 'more' (part of a line), '' (the client
-        closed), or the reason to close the connection."""
-        if self.mode != "line" or isinstance(connection.request, ssl.SSLSocket):
+        """'ready', 'wait' (nothing yet), 'more' (part of a line or head), '' (the
+        client closed), or the reason to close the connection."""
+        mode = self.mode_now()
+        if mode == "none":
+            return "ready"
+        if mode == "data" or isinstance(connection.request, ssl.SSLSocket):
             return peek_ready(connection)  # the handler reads, and sees EOF or errors itself
+        head = mode == "head"
+        complete = _head_complete if head else _line_complete
+        limit = HEAD_LIMIT if head else self.limit
         request = connection.request
         try:
-            # A small peek first, into a reused buffer: the whole line is almost always
-            # in it, and peeking max_line_length (64 KiB) bytes would allocate that much
-            # on every message.
+            # A small peek first, into a reused buffer: the whole line (or head) is almost
+            # always in it, and peeking 64 KiB would allocate that much on every message.
             buffer = getattr(self._buffers, "buffer", None)
             if buffer is None:
                 buffer = self._buffers.buffer = bytearray(_FIRST_PEEK)
             got = request.recv_into(buffer, _FIRST_PEEK, PEEK_NOW)
-            if got and buffer.find(b"\n", 0, got) >= 0:
+            if got and complete(buffer, got):
                 return "ready"
-            if got == _FIRST_PEEK and self.limit > _FIRST_PEEK:
-                peeked = request.recv(self.limit, PEEK_NOW)
+            if got == _FIRST_PEEK and limit > _FIRST_PEEK:
+                peeked = request.recv(limit, PEEK_NOW)
                 got = len(peeked)
-                if b"\n" in peeked:
+                if complete(peeked, got):
                     return "ready"
         except BlockingIOError:
             return "wait"
@@ -164,7 +223,9 @@ class WaitForRequest(Stage):
             return f"error before its request: {exc.strerror or exc}"
         if not got:
             return ""
-        if got >= self.limit:
+        if got >= limit:
+            if head:
+                return "ready"  # a huge head: the handler's own limits answer it
             return f"line longer than {self.limit} bytes"
         if events & (select.EPOLLRDHUP | select.EPOLLHUP):
             return "ready"  # a final line without newline: the handler gets it, then EOF
@@ -189,10 +250,12 @@ class LimitsMixIn(ServerFeature):
         section="limits",
     )
     wait_for_request: str = knob(
-        "data",
-        "hold connections in the loop, without a thread, until: 'data' (bytes of the "
-        "next request arrived), 'line' (a whole line), or 'none' (start the handler at "
-        "once; for protocols where the server speaks first)",
+        "auto",
+        "hold new connections in the loop, without a thread, until: 'data' (bytes of "
+        "the first request arrived), 'line' (a whole line), 'head' (a whole HTTP request "
+        "head), 'none' (start the handler at once; for protocols where the server speaks "
+        "first), or 'auto' (what the handler class declares in its own wait_for_request; "
+        "http.server's handlers: head; any other: data)",
         check=_check_wait_mode,
         section="limits",
     )
@@ -224,6 +287,14 @@ class LimitsMixIn(ServerFeature):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._limits = _Counter()
         super().__init__(*args, **kwargs)
+        if self.wait_for_request == "auto":
+            declared = request_wait_of(self.RequestHandlerClass)
+            if declared not in WAIT_MODES or declared == "auto":
+                self.server_close()
+                raise ValueError(
+                    f"{self.RequestHandlerClass!r} declares wait_for_request = {declared!r}; "
+                    "must be one of none, data, line, head"
+                )
 
     @property
     def connections(self) -> int:
@@ -244,6 +315,7 @@ class LimitsMixIn(ServerFeature):
                     self.wait_for_request,
                     self.request_timeout,
                     self.max_line_length,
+                    lambda: self.RequestHandlerClass,
                 )
             )
         return stages

@@ -18,12 +18,13 @@
 # for the connection's whole life, exactly as it was written.
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
 from servekit.core.handlers import StreamRequestHandler
 
-__all__ = ["MessageHandler", "holds_response_head", "message_loop_of"]
+__all__ = ["MessageHandler", "holds_response_head", "message_loop_of", "request_wait_of"]
 
 # Marks a handle() that is only "handle_one_request() until close_connection"; the value
 # is close_connection's initial value for the first message.
@@ -50,6 +51,11 @@ class MessageHandler(StreamRequestHandler):
     #: (servekit.features.connsocket). For protocols that write a head and then a body
     #: in two writes; off here, on by default for http.server's handlers.
     hold_response_head: bool = False
+    #: What a LimitsMixIn server with wait_for_request="auto" (the default) waits for,
+    #: in its loop and without a thread, before the first message: "data" (its first
+    #: bytes), "line" (a whole line), "head" (a whole HTTP request head) or "none" (the
+    #: server speaks first). None: "data".
+    wait_for_request: str | None = None
 
     def handle(self) -> None:
         """Call handle_one_request() until close_connection. Do not override: a handler
@@ -101,3 +107,24 @@ def holds_response_head(handler_class: Any) -> bool:
     http = sys.modules.get("http.server")  # never import it ourselves
     base = getattr(http, "BaseHTTPRequestHandler", None)
     return base is not None and isinstance(handler_class, type) and issubclass(handler_class, base)
+
+
+def request_wait_of(handler_class: Any) -> str:
+    """What a server should wait for before giving a new connection of this handler a
+    thread (LimitsMixIn's wait_for_request="auto").
+
+    The class's own wait_for_request attribute if it has one; "head" for http.server's
+    handlers (a request is a line and headers up to an empty line: given a thread on
+    its first bytes, a client that trickles its headers would hold that thread); "data"
+    for any other.
+    """
+    if isinstance(handler_class, functools.partial):
+        handler_class = handler_class.func
+    declared = getattr(handler_class, "wait_for_request", None)
+    if isinstance(declared, str):
+        return declared
+    http = sys.modules.get("http.server")  # never import it ourselves
+    base = getattr(http, "BaseHTTPRequestHandler", None)
+    if base is not None and isinstance(handler_class, type) and issubclass(handler_class, base):
+        return "head"
+    return "data"
