@@ -409,3 +409,60 @@ def test_a_handler_that_speaks_first_is_not_kept_waiting() -> None:
     with Server((LOCALHOST, 0), Banner) as server, serving(server):
         with connect(server.server_address) as sock, sock.makefile("rb") as reader:
             assert reader.readline() == b"220 ready\n"
+
+
+@pytest.mark.timeout(60)
+def test_keep_alive_clients_trickling_their_next_request_hold_no_thread() -> None:
+    """20 keep-alive clients send one good request, then trickle the next one's headers, against an http.server handler on 2 threads: the head wait runs before every request, so a real client is still answered at once, and the tricklers are closed at request_timeout with their handler finished."""
+    finished = []
+
+    class Page(_Page):
+        def finish(self) -> None:
+            finished.append(self.client_address)
+            super().finish()
+
+    with (
+        Server((LOCALHOST, 0), Page, max_threads=2, request_timeout=2.0) as server,
+        serving(server),
+    ):
+        slow = [connect(server.server_address) for _ in range(20)]
+        for sock in slow:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = b""
+            for _ in range(100):  # bounded
+                if answer.endswith(b"ok"):
+                    break
+                answer += sock.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")  # the next head, unfinished
+        stop = threading.Event()
+
+        def drip() -> None:
+            for _ in range(60):  # bounded: 18 s at most, stopped earlier
+                for sock in slow:
+                    try:
+                        sock.send(b"X")
+                    except OSError:
+                        pass
+                if stop.wait(0.3):
+                    return
+
+        dripper = threading.Thread(target=drip, daemon=True)
+        dripper.start()
+        try:
+            deadline = time.monotonic() + 10
+            while server.waiting_connections < 20 and time.monotonic() < deadline:
+                time.sleep(0.01)  # bounded readiness poll
+            assert server.waiting_connections == 20
+            assert server.pool.busy == 0
+            for _ in range(3):
+                started = time.monotonic()
+                assert _get(server.server_address).startswith(b"HTTP/1.1 200 OK\r\n")
+                assert time.monotonic() - started < 1.5
+            assert sum(closed_by_peer(sock, 10) for sock in slow) == 20
+        finally:
+            stop.set()
+            dripper.join(10)
+            for sock in slow:
+                sock.close()
+    assert len(finished) == 23  # the 20 tricklers and the 3 real clients

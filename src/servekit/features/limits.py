@@ -153,6 +153,15 @@ class WaitForRequest(Stage):
         # Armed for readability at accept, unless the handler speaks first.
         return self.mode_now() != "none"
 
+    @property
+    def each_message(self) -> bool:  # type: ignore[override]
+        # A whole HTTP head is awaited before every request of a keep-alive connection,
+        # not only the first: a peek per request is little next to what an HTTP request
+        # costs, and a client that sent one good request could otherwise trickle the
+        # next and hold a thread. A line is awaited for the first message only: in a
+        # line protocol a message costs about as much as the peek.
+        return self.mode_now() == "head"
+
     def mode_now(self) -> str:
         """The mode in force: mode itself, or for "auto" what the handler class declares."""
         if self.mode != "auto":

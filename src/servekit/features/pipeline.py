@@ -139,6 +139,10 @@ class Stage:
     #: accept: a new connection's first bytes are usually not there yet, and the failed
     #: try costs a recv() and an exception per connection.
     reads_first = False
+    #: Also run before every later message of a parked connection, not only before the
+    #: first: its bytes wake the connection, and the stage decides when a thread takes
+    #: it (WaitForRequest for HTTP heads). Costs its step (a peek) per message.
+    each_message = False
 
     def timeout(self) -> float | None:
         """Seconds the whole stage may take, from its start (None: no limit)."""
@@ -315,6 +319,9 @@ class ConnectionPipeline:
         self._factory_source: Any = None
         self._factory: Any = None
         self._hold_heads = False
+        #: Index of the stage that runs before every message (Stage.each_message), or
+        #: None; refreshed when the handler class changes (a stage may ask it).
+        self._rewait: int | None = self._each_message_stage()
         timeouts = [s.timeout() for s in self.stages] + [idle_timeout]
         shortest = min((t for t in timeouts if t is not None), default=4 * _SWEEP_MAX)
         self.sweep_interval = min(_SWEEP_MAX, max(_SWEEP_MIN, shortest / 4))
@@ -378,7 +385,7 @@ class ConnectionPipeline:
                 continue
             state = connection.state
             if state is _PARKED:
-                if events & _HANGUP or connection.tls is not None:
+                if events & _HANGUP or connection.tls is not None or self._rewait is not None:
                     self._unpark(connection, events)
                 else:
                     # The busy path, kept short: bytes of the next message (see
@@ -407,6 +414,15 @@ class ConnectionPipeline:
                 self._close(connection, "", finish_on_loop=True)
 
     def _unpark(self, connection: Connection, events: int) -> None:
+        index = self._rewait
+        if index is not None and not events & _HANGUP and connection.tls is None:
+            # The stage that waits for a whole request runs again, in the loop, with its
+            # own deadline: a client that trickles its next request holds no thread.
+            self._enter(connection, index)
+            connection.state = ConnectionState.PREAMBLE
+            if self._advance(connection, on_loop=True):
+                self._dispatch(connection)
+            return
         verdict = self._message_ready(connection, events)
         if verdict == "ready":
             self._dispatch(connection)
@@ -465,6 +481,12 @@ class ConnectionPipeline:
 
     # -- stages ----------------------------------------------------------------------------
 
+    def _each_message_stage(self) -> int | None:
+        for index in range(len(self.stages) - 1, -1, -1):
+            if self.stages[index].each_message:
+                return index
+        return None
+
     def _enter(self, connection: Connection, index: int) -> None:
         connection.stage = index
         if index < len(self.stages):
@@ -489,13 +511,13 @@ class ConnectionPipeline:
                 if self._remove(connection):
                     connection.outcome = "stage-failed"
                     stage.fail(connection, error)
-                    self._close_socket(connection)
+                    self._close_socket(connection, on_loop=on_loop)
                 return False
             except Exception:
                 if self._remove(connection):
                     connection.outcome = "error"
                     self.server.handle_error(connection.request, connection.client_address)
-                    self._close_socket(connection)
+                    self._close_socket(connection, on_loop=on_loop)
                 return False
             if step is Step.DONE:
                 self._enter(connection, connection.stage + 1)
@@ -632,6 +654,7 @@ class ConnectionPipeline:
             self._factory_source = source
             handler_class = source.func if isinstance(source, functools.partial) else source
             self._hold_heads = self._factory is not None and holds_response_head(handler_class)
+            self._rewait = self._each_message_stage()
         return self._factory
 
     def _park(self, connection: Connection) -> None:
@@ -679,7 +702,19 @@ class ConnectionPipeline:
             pass
         return True
 
-    def _close_socket(self, connection: Connection) -> None:
+    def _close_socket(self, connection: Connection, *, on_loop: bool = True) -> None:
+        """Finish the handler kept between messages, if any, then close the socket."""
+        handler = connection.handler
+        if handler is not None:
+            connection.handler = None
+            try:
+                if on_loop:
+                    # Not on a pool thread: the socket must not block us (whatever was
+                    # left unflushed cannot be delivered to a client that left anyway).
+                    connection.request.setblocking(False)
+                _finish_handler(handler)
+            except Exception:
+                self.server.handle_error(connection.request, connection.client_address)
         try:
             self.server.shutdown_request(connection.request)
         except Exception:
@@ -693,18 +728,7 @@ class ConnectionPipeline:
             return  # somebody else closed it
         if reason:
             log.info("%s: %s; closing", format_peer(connection.client_address), reason)
-        handler = connection.handler
-        if handler is not None:
-            connection.handler = None
-            try:
-                if finish_on_loop:
-                    # Not on a pool thread: the socket must not block us (whatever was
-                    # left unflushed cannot be delivered to a client that left anyway).
-                    connection.request.setblocking(False)
-                _finish_handler(handler)
-            except Exception:
-                self.server.handle_error(connection.request, connection.client_address)
-        self._close_socket(connection)
+        self._close_socket(connection, on_loop=finish_on_loop)
 
     def close_idle(self) -> int:
         """Stop parking; close the connections parked with nothing to read.
