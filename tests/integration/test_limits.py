@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server as http_server
 import logging
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,7 +21,7 @@ from servekit.features.limits import (
     time_left,
 )
 from servekit.features.pool import ThreadPoolMixIn
-from servekit.testing import LOCALHOST, closed_by_peer, connect, serving
+from servekit.testing import LOCALHOST, closed_by_peer, connect, serving, wait_until
 
 
 class Server(LimitsMixIn, ThreadPoolMixIn, servekit.TCPServer):
@@ -309,6 +311,47 @@ def test_head_complete(data: bytes, complete: bool) -> None:
     assert _head_complete(data, len(data)) is complete
 
 
+@contextlib.contextmanager
+def _dripping(socks: list[socket.socket], interval: float = 0.3) -> Iterator[None]:
+    """Send one byte ("X", never ending a line or a head) on every socket each interval
+    while the block runs (bounded: 60 rounds); close the sockets after it."""
+    stop = threading.Event()
+
+    def drip() -> None:
+        for _ in range(60):
+            for sock in socks:
+                try:
+                    sock.send(b"X")
+                except OSError:
+                    pass
+            if stop.wait(interval):
+                return
+
+    dripper = threading.Thread(target=drip, daemon=True)
+    dripper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        dripper.join(10)
+        for sock in socks:
+            sock.close()
+
+
+def _assert_served_past(
+    server: Server, slow: list[socket.socket], gets: int, within: float
+) -> None:
+    """While slow trickle: they all wait in the loop, no thread is busy, a real client gets
+    its page within `within` seconds each time; then each slow one is cut off."""
+    assert wait_until(lambda: server.waiting_connections == len(slow))
+    assert server.pool.busy == 0
+    for _ in range(gets):
+        started = time.monotonic()
+        assert _get(server.server_address).startswith(b"HTTP/1.1 200 OK\r\n")
+        assert time.monotonic() - started < within
+    assert sum(closed_by_peer(sock, 10) for sock in slow) == len(slow)
+
+
 class _Page(http_server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -346,36 +389,8 @@ def test_clients_trickling_their_headers_hold_no_thread() -> None:
         slow = [connect(server.server_address) for _ in range(100)]
         for sock in slow:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
-        stop = threading.Event()
-
-        def drip() -> None:
-            for _ in range(60):  # bounded: 18 s at most, stopped earlier
-                for sock in slow:
-                    try:
-                        sock.send(b"X")  # a header that never ends
-                    except OSError:
-                        pass
-                if stop.wait(0.3):
-                    return
-
-        dripper = threading.Thread(target=drip, daemon=True)
-        dripper.start()
-        try:
-            deadline = time.monotonic() + 10
-            while server.waiting_connections < 100 and time.monotonic() < deadline:
-                time.sleep(0.01)  # bounded readiness poll
-            assert server.waiting_connections == 100
-            assert server.pool.busy == 0
-            for _ in range(5):
-                started = time.monotonic()
-                assert _get(server.server_address).startswith(b"HTTP/1.1 200 OK\r\n")
-                assert time.monotonic() - started < 2.0
-            assert sum(closed_by_peer(sock, 10) for sock in slow) == 100
-        finally:
-            stop.set()
-            dripper.join(10)
-            for sock in slow:
-                sock.close()
+        with _dripping(slow):
+            _assert_served_past(server, slow, gets=5, within=2.0)
 
 
 def test_head_mode_hands_a_whole_head_over_intact() -> None:
@@ -435,34 +450,6 @@ def test_keep_alive_clients_trickling_their_next_request_hold_no_thread() -> Non
                 answer += sock.recv(4096)
             assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
             sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")  # the next head, unfinished
-        stop = threading.Event()
-
-        def drip() -> None:
-            for _ in range(60):  # bounded: 18 s at most, stopped earlier
-                for sock in slow:
-                    try:
-                        sock.send(b"X")
-                    except OSError:
-                        pass
-                if stop.wait(0.3):
-                    return
-
-        dripper = threading.Thread(target=drip, daemon=True)
-        dripper.start()
-        try:
-            deadline = time.monotonic() + 10
-            while server.waiting_connections < 20 and time.monotonic() < deadline:
-                time.sleep(0.01)  # bounded readiness poll
-            assert server.waiting_connections == 20
-            assert server.pool.busy == 0
-            for _ in range(3):
-                started = time.monotonic()
-                assert _get(server.server_address).startswith(b"HTTP/1.1 200 OK\r\n")
-                assert time.monotonic() - started < 1.5
-            assert sum(closed_by_peer(sock, 10) for sock in slow) == 20
-        finally:
-            stop.set()
-            dripper.join(10)
-            for sock in slow:
-                sock.close()
+        with _dripping(slow):
+            _assert_served_past(server, slow, gets=3, within=1.5)
     assert len(finished) == 23  # the 20 tricklers and the 3 real clients
