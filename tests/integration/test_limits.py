@@ -20,11 +20,16 @@ from servekit.features.limits import (
     request_deadline,
     time_left,
 )
+from servekit.features.listeners import ListenersMixIn
 from servekit.features.pool import ThreadPoolMixIn
 from servekit.testing import LOCALHOST, closed_by_peer, connect, serving, wait_until
 
 
 class Server(LimitsMixIn, ThreadPoolMixIn, servekit.TCPServer):
+    pass
+
+
+class ListenersServer(ListenersMixIn, LimitsMixIn, ThreadPoolMixIn, servekit.TCPServer):
     pass
 
 
@@ -436,8 +441,10 @@ def test_keep_alive_clients_trickling_their_next_request_hold_no_thread() -> Non
             finished.append(self.client_address)
             super().finish()
 
+    # With ListenersMixIn (as every server of the command): its ConnectionSocket can be
+    # peeked in the loop between messages without waiting.
     with (
-        Server((LOCALHOST, 0), Page, max_threads=2, request_timeout=2.0) as server,
+        ListenersServer("127.0.0.1:0", Page, max_threads=2, request_timeout=2.0) as server,
         serving(server),
     ):
         slow = [connect(server.server_address) for _ in range(20)]

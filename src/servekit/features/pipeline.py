@@ -415,9 +415,18 @@ class ConnectionPipeline:
 
     def _unpark(self, connection: Connection, events: int) -> None:
         index = self._rewait
-        if index is not None and not events & _HANGUP and connection.tls is None:
+        request = connection.request
+        if (
+            index is not None
+            and not events & _HANGUP
+            and connection.tls is None
+            and (type(request) is ConnectionSocket or not request.gettimeout())
+        ):
             # The stage that waits for a whole request runs again, in the loop, with its
             # own deadline: a client that trickles its next request holds no thread.
+            # Only where its peek cannot wait: a plain socket keeps the handler's timeout
+            # while parked, and CPython polls such a socket for up to that timeout before
+            # any recv(), MSG_DONTWAIT or not (ConnectionSocket does not).
             self._enter(connection, index)
             connection.state = ConnectionState.PREAMBLE
             if self._advance(connection, on_loop=True):
