@@ -17,8 +17,10 @@ __all__ = [
     "LOCALHOST_V6",
     "closed_by_peer",
     "connect",
+    "dripping",
     "exchange_line",
     "has_ipv6_loopback",
+    "read_until",
     "serving",
     "wait_until",
 ]
@@ -102,6 +104,20 @@ def exchange_line(sock: socket.socket, line: bytes) -> bytes:
     return data
 
 
+def read_until(sock: socket.socket, ending: bytes, max_reads: int = 1000) -> bytes:
+    """Read until what was received ends with ending, the peer closes, or max_reads
+    recv() calls; each waits at most the socket's timeout. Returns what was received."""
+    data = b""
+    for _ in range(max_reads):
+        if data.endswith(ending):
+            break
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     """Poll predicate() every 10 ms until it holds (True) or timeout passes (False).
 
@@ -114,3 +130,36 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
             return False
         pause.wait(0.01)
     return True
+
+
+@contextlib.contextmanager
+def dripping(
+    socks: list[socket.socket], data: bytes = b"X", interval: float = 0.3, rounds: int = 60
+) -> Iterator[None]:
+    """Send data on every socket each interval while the block runs, as a slow client
+    ("slowloris") does: at most rounds times, on a thread; closes the sockets after.
+
+    Sockets the server closed meanwhile are skipped. For testing that slow clients hold
+    no thread: the default never ends a line or an HTTP head.
+    """
+    stop = threading.Event()
+
+    def drip() -> None:
+        for _ in range(rounds):
+            for sock in socks:
+                try:
+                    sock.sendall(data)
+                except (OSError, ValueError):  # closed by the server, or by us
+                    pass
+            if stop.wait(interval):
+                return
+
+    dripper = threading.Thread(target=drip, name="dripping", daemon=True)
+    dripper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        dripper.join(10)
+        for sock in socks:
+            sock.close()

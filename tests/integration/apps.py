@@ -7,6 +7,7 @@ configured for one fault scenario and prints `servekit: ready: ... :PORT` like t
 
 from __future__ import annotations
 
+import http.server
 import os
 import sys
 import time
@@ -14,6 +15,23 @@ import time
 import servekit
 from servekit.features.pool import ThreadPoolMixIn
 from servekit.process.prefork import PreforkMixIn
+
+
+class PathPage(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive: answer every GET with 200 and the request's path as the body,
+    without logging (so wait_for_request="auto" waits for a whole head)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = self.path.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
 
 
 class PidEcho(servekit.StreamRequestHandler):

@@ -14,7 +14,7 @@ from servekit.core import StreamRequestHandler, TCPServer
 from servekit.features.connsocket import ConnectionSocket
 from servekit.features.listeners import ListenersMixIn
 from servekit.features.pool import ThreadPoolMixIn
-from servekit.testing import exchange_line, serving
+from servekit.testing import exchange_line, read_until, serving
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -264,18 +264,6 @@ class _Upload(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _read_until(sock: socket.socket, end: bytes) -> bytes:
-    data = b""
-    for _ in range(1000):  # bounded; each recv() bounded by the socket timeout
-        if data.endswith(end):
-            break
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def test_http_server_handlers_keep_working_with_held_heads() -> None:
     """GET, HEAD and a PUT with "Expect: 100-continue" on one keep-alive connection of a
     pool server: the 100 Continue reaches the client before the server waits for the
@@ -284,16 +272,16 @@ def test_http_server_handlers_keep_working_with_held_heads() -> None:
         host, port = server.server_address[:2]
         with socket.create_connection((host, port), timeout=5) as client:
             client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            assert _read_until(client, b"hello").startswith(b"HTTP/1.1 200 OK\r\n")
+            assert read_until(client, b"hello").startswith(b"HTTP/1.1 200 OK\r\n")
             client.sendall(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n")
-            head = _read_until(client, b"\r\n\r\n")
+            head = read_until(client, b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 5" in head
             client.sendall(
                 b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
             )
-            assert _read_until(client, b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            assert read_until(client, b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
             client.sendall(b"data")
-            answer = _read_until(client, b"data")
+            answer = read_until(client, b"data")
             assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\ndata")
 
 
@@ -324,8 +312,8 @@ def test_a_handler_can_opt_out_of_held_heads() -> None:
         with socket.create_connection((host, port), timeout=5) as client:
             client.sendall(b"GET /events HTTP/1.1\r\nHost: t\r\n\r\n")
             try:
-                head = _read_until(client, b"\r\n\r\n")
+                head = read_until(client, b"\r\n\r\n")
             finally:
                 _Stream.go.set()
             assert head.startswith(b"HTTP/1.1 200 OK\r\n")
-            assert _read_until(client, b"data: 1\n\n") == b"data: 1\n\n"
+            assert read_until(client, b"data: 1\n\n") == b"data: 1\n\n"

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import http.server as http_server
 import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -22,7 +19,16 @@ from servekit.features.limits import (
 )
 from servekit.features.listeners import ListenersMixIn
 from servekit.features.pool import ThreadPoolMixIn
-from servekit.testing import LOCALHOST, closed_by_peer, connect, serving, wait_until
+from servekit.testing import (
+    LOCALHOST,
+    closed_by_peer,
+    connect,
+    dripping,
+    read_until,
+    serving,
+    wait_until,
+)
+from tests.integration.apps import PathPage
 
 
 class Server(LimitsMixIn, ThreadPoolMixIn, servekit.TCPServer):
@@ -316,33 +322,6 @@ def test_head_complete(data: bytes, complete: bool) -> None:
     assert _head_complete(data, len(data)) is complete
 
 
-@contextlib.contextmanager
-def _dripping(socks: list[socket.socket], interval: float = 0.3) -> Iterator[None]:
-    """Send one byte ("X", never ending a line or a head) on every socket each interval
-    while the block runs (bounded: 60 rounds); close the sockets after it."""
-    stop = threading.Event()
-
-    def drip() -> None:
-        for _ in range(60):
-            for sock in socks:
-                try:
-                    sock.send(b"X")
-                except OSError:
-                    pass
-            if stop.wait(interval):
-                return
-
-    dripper = threading.Thread(target=drip, daemon=True)
-    dripper.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        dripper.join(10)
-        for sock in socks:
-            sock.close()
-
-
 def _assert_served_past(
     server: Server, slow: list[socket.socket], gets: int, within: float
 ) -> None:
@@ -357,63 +336,35 @@ def _assert_served_past(
     assert sum(closed_by_peer(sock, 10) for sock in slow) == len(slow)
 
 
-class _Page(http_server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 def _get(address: tuple[str, int], timeout: float = 5) -> bytes:
     with connect(address, timeout) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        answer = b""
-        for _ in range(100):  # bounded; each recv() bounded by the timeout
-            if answer.endswith(b"\r\n\r\nok"):
-                break
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-        return answer
+        return read_until(sock, b"\r\n\r\n/")
 
 
 @pytest.mark.timeout(60)
 def test_clients_trickling_their_headers_hold_no_thread() -> None:
     """100 HTTP clients that send a request line and then one header byte every 0.3 s, against an http.server handler on 4 threads (wait_for_request left at auto: a whole head): none gets a thread, a real client is answered at once each time, and the slow ones are cut off at request_timeout."""
     with (
-        Server((LOCALHOST, 0), _Page, max_threads=4, request_timeout=3.0) as server,
+        Server((LOCALHOST, 0), PathPage, max_threads=4, request_timeout=3.0) as server,
         serving(server),
     ):
         slow = [connect(server.server_address) for _ in range(100)]
         for sock in slow:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
-        with _dripping(slow):
+        with dripping(slow):
             _assert_served_past(server, slow, gets=5, within=2.0)
 
 
 def test_head_mode_hands_a_whole_head_over_intact() -> None:
     """A head that arrives in pieces is handed to the handler once complete, byte for byte (the peek leaves it in the kernel), and a pipelined second request is served too."""
-    with Server((LOCALHOST, 0), _Page, max_threads=2) as server, serving(server):
+    with Server((LOCALHOST, 0), PathPage, max_threads=2) as server, serving(server):
         with connect(server.server_address) as sock:
             for piece in (b"GET / HTTP/1.1\r\n", b"Host: t\r\n", b"Accept: */*\r\n"):
                 sock.sendall(piece)
                 time.sleep(0.05)  # pacing, so that the server sees the head in pieces
-            sock.sendall(b"\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            answer = b""
-            for _ in range(100):  # bounded
-                if answer.count(b"\r\n\r\nok") == 2:
-                    break
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                answer += chunk
+            sock.sendall(b"\r\nGET /b HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = read_until(sock, b"\r\n\r\n/b")
             assert answer.count(b"HTTP/1.1 200 OK\r\n") == 2
 
 
@@ -436,7 +387,7 @@ def test_keep_alive_clients_trickling_their_next_request_hold_no_thread() -> Non
     """20 keep-alive clients send one good request, then trickle the next one's headers, against an http.server handler on 2 threads: the head wait runs before every request, so a real client is still answered at once, and the tricklers are closed at request_timeout with their handler finished."""
     finished = []
 
-    class Page(_Page):
+    class Page(PathPage):
         def finish(self) -> None:
             finished.append(self.client_address)
             super().finish()
@@ -450,13 +401,8 @@ def test_keep_alive_clients_trickling_their_next_request_hold_no_thread() -> Non
         slow = [connect(server.server_address) for _ in range(20)]
         for sock in slow:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            answer = b""
-            for _ in range(100):  # bounded
-                if answer.endswith(b"ok"):
-                    break
-                answer += sock.recv(4096)
-            assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert read_until(sock, b"\r\n\r\n/").startswith(b"HTTP/1.1 200 OK\r\n")
             sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")  # the next head, unfinished
-        with _dripping(slow):
+        with dripping(slow):
             _assert_served_past(server, slow, gets=3, within=1.5)
     assert len(finished) == 23  # the 20 tricklers and the 3 real clients

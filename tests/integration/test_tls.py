@@ -28,7 +28,17 @@ from servekit.features.tls import (
     tls_info,
 )
 from servekit.knobs import SettingError
-from servekit.testing import LOCALHOST, closed_by_peer, connect, exchange_line, serving
+from servekit.testing import (
+    LOCALHOST,
+    closed_by_peer,
+    connect,
+    dripping,
+    exchange_line,
+    read_until,
+    serving,
+    wait_until,
+)
+from tests.integration.apps import PathPage
 
 if TYPE_CHECKING:
     from tests.tls_certs import CertSet, LogWatcher
@@ -528,3 +538,65 @@ def test_failed_construction_closes_the_listener(tmp_path: Path) -> None:
     with pytest.raises(TLSConfigError):
         ThreadingTLSServer((LOCALHOST, 0), Echo, certfile=str(tmp_path / "missing.pem"))
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+# -- the request wait over TLS: decrypted ahead, in the loop ----------------------------------
+
+
+def _limits_pool_tls() -> type[Any]:
+    from servekit.features.limits import LimitsMixIn
+    from servekit.features.pool import ThreadPoolMixIn
+
+    class Server(Recording, LimitsMixIn, TLSMixIn, ThreadPoolMixIn, servekit.TCPServer):
+        pass
+
+    return Server
+
+
+def test_a_head_in_several_records_reaches_the_handler_intact(tls_certs: CertSet) -> None:
+    """Over TLS the head is decrypted ahead in the loop: one sent in three records, with a second request pipelined behind it, is handed over whole, and both are answered."""
+    with (
+        running(tls_certs, PathPage, _limits_pool_tls(), max_threads=2) as server,
+        tls_connect(server.server_address, tls_certs.client_context()) as sock,
+    ):
+        for record in (b"GET /a HTTP/1.1\r\n", b"Host: t\r\n", b"\r\nGET /b HTTP/1.1\r\n\r\n"):
+            sock.sendall(record)  # one TLS record each
+        answer = read_until(sock, b"\r\n\r\n/b")
+        assert answer.count(b"HTTP/1.1 200 OK\r\n") == 2
+        assert answer.endswith(b"/b") and b"\r\n\r\n/a" in answer
+
+
+def test_echo_line_over_tls_in_pieces(tls_certs: CertSet) -> None:
+    """The echo handler declares a line wait: over TLS a line sent in two records is echoed whole."""
+    from servekit.apps.echo import EchoHandler
+
+    with (
+        running(tls_certs, EchoHandler, _limits_pool_tls(), max_threads=2) as server,
+        tls_connect(server.server_address, tls_certs.client_context()) as sock,
+    ):
+        sock.sendall(b"hel")
+        sock.sendall(b"lo\n")
+        assert sock.recv(100) == b"hello\n"
+
+
+@pytest.mark.timeout(60)
+def test_tls_clients_trickling_their_head_hold_no_thread(tls_certs: CertSet) -> None:
+    """20 clients complete the TLS handshake, then trickle a head one byte (one record) every 0.3 s, against an http.server handler on 2 threads: none holds a thread, a real TLS client is answered at once, the slow ones are closed at request_timeout."""
+    context = tls_certs.client_context()
+    with running(
+        tls_certs, PathPage, _limits_pool_tls(), max_threads=2, request_timeout=2.0
+    ) as server:
+        slow = [tls_connect(server.server_address, context) for _ in range(20)]
+        for sock in slow:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        with dripping(slow):
+            assert wait_until(lambda: server.waiting_connections == 20)
+            assert server.pool.busy == 0
+            for _ in range(3):
+                started = time.monotonic()
+                with tls_connect(server.server_address, context) as sock:
+                    sock.sendall(b"GET /real HTTP/1.1\r\nHost: t\r\n\r\n")
+                    assert read_until(sock, b"\r\n\r\n/real").startswith(b"HTTP/1.1 200")
+                assert time.monotonic() - started < 1.5
+            # Closed by the server at request_timeout (a reset counts as closed too).
+            assert wait_until(lambda: server.waiting_connections == 0)

@@ -106,6 +106,20 @@ def _check_wait_mode(value: str) -> str | None:
     return None if value in WAIT_MODES else f"must be one of {', '.join(WAIT_MODES)}"
 
 
+def _tls_verdict(
+    data: bytes | None, complete: Callable[[bytes, int], bool], limit: int, head: bool
+) -> str:
+    if data is None:
+        return ""
+    if complete(data, len(data)) or (head and len(data) >= limit):
+        return "ready"
+    if len(data) >= limit:
+        return f"line longer than {limit} bytes"
+    # Not "more": the bytes left the kernel (decrypted ahead), so a plain wait for
+    # readability is what reports the next ones.
+    return "wait"
+
+
 def _line_complete(data: bytes | bytearray, got: int) -> bool:
     return data.find(b"\n", 0, got) >= 0
 
@@ -198,18 +212,35 @@ class WaitForRequest(Stage):
     def fail(self, connection: Connection, error: StageError) -> None:
         log.log(error.level, "%s: %s; closing", format_peer(connection.peer), error.reason)
 
+    def _tls_ready(
+        self, request: Any, complete: Callable[[bytes, int], bool], limit: int, head: bool
+    ) -> str:
+        # Over TLS the kernel holds encrypted records: the request is decrypted ahead
+        # and kept on the socket for the handler (servekit.features.tlssocket).
+        try:
+            data = request.read_ahead(limit)
+        except (ConnectionResetError, ConnectionAbortedError, ssl.SSLEOFError):
+            return ""  # the client went away: a normal event, not worth a log line
+        except OSError as exc:
+            return f"error before its request: {exc.strerror or exc}"
+        return _tls_verdict(data, complete, limit, head)
+
     def ready(self, connection: Connection, events: int) -> str:
         """'ready', 'wait' (nothing yet), 'more' (part of a line or head), '' (the
         client closed), or the reason to close the connection."""
         mode = self.mode_now()
         if mode == "none":
             return "ready"
-        if mode == "data" or isinstance(connection.request, ssl.SSLSocket):
+        request = connection.request
+        if mode == "data" or (
+            isinstance(request, ssl.SSLSocket) and not hasattr(request, "read_ahead")
+        ):
             return peek_ready(connection)  # the handler reads, and sees EOF or errors itself
         head = mode == "head"
         complete = _head_complete if head else _line_complete
         limit = HEAD_LIMIT if head else self.limit
-        request = connection.request
+        if isinstance(request, ssl.SSLSocket):
+            return self._tls_ready(request, complete, limit, head)
         try:
             # A small peek first, into a reused buffer: the whole line (or head) is almost
             # always in it, and peeking 64 KiB would allocate that much on every message.

@@ -41,6 +41,7 @@ from servekit.features.addresses import format_peer
 from servekit.features.base import ServerFeature
 from servekit.features.connection import Connection
 from servekit.features.pipeline import Stage, StageError, Step
+from servekit.features.tlssocket import adopt_context
 from servekit.knobs import SettingError, knob, positive
 
 __all__ = [
@@ -562,7 +563,8 @@ class TLSMixIn(ServerFeature):
             )
         super().__init__(*args, **kwargs)
         try:
-            self._tls_slot = _ContextSlot(self._initial_tls_context())
+            # Handlers get a TLSConnectionSocket: the request wait can read ahead.
+            self._tls_slot = _ContextSlot(adopt_context(self._initial_tls_context()))
         except BaseException:
             self.server_close()
             raise
@@ -633,7 +635,7 @@ class TLSMixIn(ServerFeature):
                 if problem:
                     raise TLSConfigError(f"reload_tls(context): {problem}")
                 source = "a new ssl_context"
-            slot.current = context
+            slot.current = adopt_context(context)
         log.info("TLS context reloaded from %s; new connections use it", source)
         return context
 

@@ -1,0 +1,76 @@
+# The ssl.SSLSocket a TLS handler gets: one that can decrypt a request ahead of the
+# handler, in the serving loop, and hand the bytes over to the handler's first reads.
+#
+# Strategy. The request wait (servekit.features.limits.WaitForRequest) looks for a whole
+# line or HTTP head with recv(MSG_PEEK), which leaves the bytes in the kernel for the
+# handler. Over TLS the kernel holds encrypted records: there is nothing to peek at, and
+# a client that completed its handshake could trickle its request and hold a thread.
+# This subclass decrypts what has arrived without waiting (read_ahead()) and keeps it;
+# every read the handler makes (recv, recv_into, read, and so rfile) takes those bytes
+# first (SSLSocket's recv() and recv_into() read through read()), then reads the
+# connection as usual, and pending() counts them. Nothing else of SSLSocket changes.
+#
+# TLSMixIn makes its contexts return this class (SSLContext.sslsocket_class, the
+# documented way): contexts it builds, and a context given as ssl_context whose
+# sslsocket_class is still ssl.SSLSocket. A context with a class of its own is left
+# alone; its connections then wait for data, not a line or a head.
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+__all__ = ["TLSConnectionSocket", "adopt_context"]
+
+
+class TLSConnectionSocket(ssl.SSLSocket):
+    """ssl.SSLSocket whose request can be decrypted ahead of the handler."""
+
+    #: Decrypted bytes read ahead and not yet taken by the handler.
+    _ahead = b""
+
+    def read_ahead(self, limit: int) -> bytes | None:
+        """Decrypt what has arrived, up to limit bytes in all, without waiting; keep it
+        for the handler and return everything kept so far. None if the client closed
+        before sending a byte. Call it only while the socket is non-blocking."""
+        ahead = self._ahead
+        while len(ahead) < limit:  # bounded: each turn takes bytes, or ends the loop
+            try:
+                chunk = super().read(limit - len(ahead))
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break  # nothing more decrypted yet
+            if not chunk:
+                if not ahead:
+                    return None
+                break  # the client closed after some bytes: the handler reads them, then EOF
+            ahead += chunk
+        self._ahead = ahead
+        return ahead
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:
+        # recv() and recv_into() (and so the handler's rfile) read through this.
+        if not self._ahead:
+            return super().read(len, buffer)
+        return self._give(len, buffer)
+
+    def _give(self, size: int, buffer: Any) -> Any:
+        ahead = self._ahead
+        if buffer is None:
+            taken, self._ahead = ahead[:size], ahead[size:]
+            return taken
+        with memoryview(buffer) as view, view.cast("B") as target:
+            n = min(len(target), len(ahead))
+            if size > 0:
+                n = min(n, size)
+            target[:n] = ahead[:n]
+            self._ahead = ahead[n:]
+            return n
+
+    def pending(self) -> int:
+        return super().pending() + len(self._ahead)
+
+
+def adopt_context(context: ssl.SSLContext) -> ssl.SSLContext:
+    """Make context's sockets TLSConnectionSocket, unless it has a class of its own."""
+    if context.sslsocket_class is ssl.SSLSocket:
+        context.sslsocket_class = TLSConnectionSocket
+    return context
