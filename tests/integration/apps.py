@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import http.server
 import os
+import socket
 import sys
 import time
 
 import servekit
 from servekit.features.pool import ThreadPoolMixIn
 from servekit.process.prefork import PreforkMixIn
+from servekit.testing import read_until
 
 
 class PathPage(http.server.BaseHTTPRequestHandler):
@@ -32,6 +34,49 @@ class PathPage(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+class Upload(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive: PUT echoes its body; GET and HEAD answer "hello"."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_PUT(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(b"hello")
+
+    do_HEAD = do_GET
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def check_upload_conversation(client: socket.socket) -> None:
+    """GET, HEAD and a PUT with "Expect: 100-continue" on one keep-alive connection to
+    Upload: the 100 Continue must reach the client before the server waits for the body
+    (with held heads, a read sends a held head), and every answer is whole, in order."""
+    client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert read_until(client, b"hello").startswith(b"HTTP/1.1 200 OK\r\n")
+    client.sendall(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n")
+    head = read_until(client, b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 5" in head
+    client.sendall(
+        b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert read_until(client, b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    client.sendall(b"data")
+    answer = read_until(client, b"data")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\ndata")
 
 
 class PidEcho(servekit.StreamRequestHandler):

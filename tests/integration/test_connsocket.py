@@ -15,6 +15,7 @@ from servekit.features.connsocket import ConnectionSocket
 from servekit.features.listeners import ListenersMixIn
 from servekit.features.pool import ThreadPoolMixIn
 from servekit.testing import exchange_line, read_until, serving
+from tests.integration.apps import Upload, check_upload_conversation
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -241,48 +242,14 @@ def test_release_without_a_held_head_sends_nothing_and_disarms(pair) -> None:
     assert _read_exactly(peer, len(HEAD)) == HEAD
 
 
-class _Upload(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_PUT(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", "5")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(b"hello")
-
-    do_HEAD = do_GET
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 def test_http_server_handlers_keep_working_with_held_heads() -> None:
     """GET, HEAD and a PUT with "Expect: 100-continue" on one keep-alive connection of a
     pool server: the 100 Continue reaches the client before the server waits for the
     body (a read sends a held head), every answer is whole and in order."""
-    with serving(_PoolServer("127.0.0.1:0", _Upload, max_threads=2)) as server:
+    with serving(_PoolServer("127.0.0.1:0", Upload, max_threads=2)) as server:
         host, port = server.server_address[:2]
         with socket.create_connection((host, port), timeout=5) as client:
-            client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            assert read_until(client, b"hello").startswith(b"HTTP/1.1 200 OK\r\n")
-            client.sendall(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n")
-            head = read_until(client, b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 5" in head
-            client.sendall(
-                b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
-            )
-            assert read_until(client, b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
-            client.sendall(b"data")
-            answer = read_until(client, b"data")
-            assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\ndata")
+            check_upload_conversation(client)
 
 
 class _Stream(http.server.BaseHTTPRequestHandler):

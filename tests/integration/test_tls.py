@@ -38,7 +38,7 @@ from servekit.testing import (
     serving,
     wait_until,
 )
-from tests.integration.apps import PathPage
+from tests.integration.apps import PathPage, Upload, check_upload_conversation
 
 if TYPE_CHECKING:
     from tests.tls_certs import CertSet, LogWatcher
@@ -600,3 +600,12 @@ def test_tls_clients_trickling_their_head_hold_no_thread(tls_certs: CertSet) -> 
                 assert time.monotonic() - started < 1.5
             # Closed by the server at request_timeout (a reset counts as closed too).
             assert wait_until(lambda: server.waiting_connections == 0)
+
+
+def test_held_heads_over_tls(tls_certs: CertSet) -> None:
+    """Over TLS too, an http.server response's head waits for its body (one record and one send), and a read sends a held head first: GET, HEAD and a PUT with "Expect: 100-continue" on one keep-alive connection."""
+    with (
+        running(tls_certs, Upload, _limits_pool_tls(), max_threads=2) as server,
+        tls_connect(server.server_address, tls_certs.client_context()) as sock,
+    ):
+        check_upload_conversation(sock)

@@ -20,17 +20,7 @@
 # exceptions, timeouts) does not. ListenersMixIn creates it for the servers whose
 # concurrency mix-in asks for it (ThreadPoolMixIn.accepted_socket_class).
 #
-# Response heads. http.server's handlers write a response in two writes, the head
-# (end_headers()) and then the body, so every response costs two send() calls, two
-# segments on the wire and two wake-ups of the client. hold_head() holds the next write
-# if it is a head alone (ends with an empty line) and sends it together with whatever
-# comes next: the body's first write, in one send(). Anything else the handler does
-# with the socket first -- a read (a "100 Continue" waits for the body), another kind
-# of send, shutdown(), close() -- sends the head at once, and the connection pipeline
-# sends it at the end of the message whatever happens (release_head()), so a head is
-# never held while the handler waits for its client. Only a head followed by a wait on
-# something else (a server-sent event stream's first event) is delayed until the next
-# write; such a handler sets hold_response_head = False (see servekit.features.messages).
+# It also holds a response head for its body (servekit.features.heads.HeadHolding).
 from __future__ import annotations
 
 import _socket
@@ -41,19 +31,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from servekit.features.heads import HeadHolding
+
 __all__ = ["ConnectionSocket"]
 
 _C = _socket.socket  # the C methods, which never poll on a timeout of 0.0
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _monotonic = time.monotonic
-# Longest head held, and longest body joined to it (a copy: a larger body is sent by
-# itself, right after the head).
-_HEAD_MAX = 16384
-_JOIN_MAX = 65536
 
 
-class ConnectionSocket(socket.socket):
+class ConnectionSocket(HeadHolding, socket.socket):
     """socket.socket with a timeout that costs a system call only when it must wait."""
 
     __slots__ = ("_held", "_hold", "_wait_timeout")
@@ -66,51 +54,6 @@ class ConnectionSocket(socket.socket):
         #: The head being held.
         self._held: bytes | None = None
         _C.settimeout(self, 0.0)  # the descriptor: non-blocking for good
-
-    # -- holding a response head (see the strategy comment) ------------------------------
-
-    def hold_head(self) -> None:
-        """Hold the next write if it is a response head alone (bytes ending with an empty
-        line), to send it with the next one. Any other use of the socket, or
-        release_head(), sends it first."""
-        self._hold = True
-
-    def release_head(self) -> None:
-        """Send a held head now, and hold nothing more (the end of a message)."""
-        self._hold = False
-        held = self._held
-        if held is not None:
-            self._held = None
-            self.sendall(held)
-
-    def _release_quietly(self) -> None:
-        # Before shutdown(), close() and detach(): the head goes out first, as it would
-        # have without holding; a client already gone cannot be sent to, which is not
-        # this call's error to report (the handler's own I/O reports it).
-        try:
-            self.release_head()
-        except OSError:
-            pass
-
-    def shutdown(self, how: int) -> None:
-        if self._hold or self._held is not None:
-            self._release_quietly()
-        super().shutdown(how)
-
-    def close(self) -> None:
-        if self._hold or self._held is not None:
-            self._release_quietly()
-        super().close()
-
-    def detach(self) -> int:
-        if self._hold or self._held is not None:
-            self._release_quietly()
-        return super().detach()
-
-    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
-        if self._hold or self._held is not None:
-            self.release_head()
-        return super().sendfile(file, offset, count)
 
     # -- the timeout, as the handler sees it ---------------------------------------------
 
@@ -240,24 +183,10 @@ class ConnectionSocket(socket.socket):
             return result
 
     def sendall(self, data: Any, flags: int = 0) -> None:
-        if self._hold:
-            self._hold = False  # one write per hold_head(): this one
-            if (
-                not flags
-                and type(data) is bytes
-                and len(data) <= _HEAD_MAX
-                and data.endswith(b"\r\n\r\n")
-                and self._held is None
-            ):
-                self._held = data  # a head: wait for the body
-                return
-        held = self._held
-        if held is not None:
-            self._held = None
-            if type(data) is bytes and len(data) <= _JOIN_MAX:
-                data = held + data  # head and body in one send()
-            else:
-                self.sendall(held)
+        if self._hold or self._held is not None:
+            data = self._hold_step(data, flags)
+            if data is None:
+                return  # a head, held for its body
         try:
             sent = _C.send(self, data, flags)
         except BlockingIOError:

@@ -53,6 +53,7 @@ from servekit.features.connection import (
     current_connection,
 )
 from servekit.features.connsocket import ConnectionSocket
+from servekit.features.heads import HeadHolding
 from servekit.features.messages import holds_response_head, message_loop_of
 
 __all__ = [
@@ -599,8 +600,9 @@ class ConnectionPipeline:
             # settimeout() is a system call), so nothing in the loop may read it
             # expecting not to wait (peek_ready() polls first).
             request.settimeout(connection.timeout)
-        # A response head waits for its body (ConnectionSocket.hold_head()); not on TLS.
-        hold = self._hold_heads and type(request) is ConnectionSocket
+        # A response head waits for its body (servekit.features.heads), on the sockets
+        # that can hold one (ConnectionSocket, TLSConnectionSocket).
+        hold = self._hold_heads and isinstance(request, HeadHolding)
         while True:
             connection.messages += 1
             server.message_started(connection)

@@ -8,7 +8,9 @@
 # This subclass decrypts what has arrived without waiting (read_ahead()) and keeps it;
 # every read the handler makes (recv, recv_into, read, and so rfile) takes those bytes
 # first (SSLSocket's recv() and recv_into() read through read()), then reads the
-# connection as usual, and pending() counts them. Nothing else of SSLSocket changes.
+# connection as usual, and pending() counts them. It also holds a response head for its
+# body, as ConnectionSocket does (servekit.features.heads): one TLS record and one
+# send() per http.server response instead of two.
 #
 # TLSMixIn makes its contexts return this class (SSLContext.sslsocket_class, the
 # documented way): contexts it builds, and a context given as ssl_context whose
@@ -19,14 +21,19 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
+from servekit.features.heads import HeadHolding
+
 __all__ = ["TLSConnectionSocket", "adopt_context"]
 
 
-class TLSConnectionSocket(ssl.SSLSocket):
-    """ssl.SSLSocket whose request can be decrypted ahead of the handler."""
+class TLSConnectionSocket(HeadHolding, ssl.SSLSocket):
+    """ssl.SSLSocket whose request can be decrypted ahead of the handler, and which
+    can hold a response head for its body."""
 
     #: Decrypted bytes read ahead and not yet taken by the handler.
     _ahead = b""
+    _hold = False
+    _held: bytes | None = None
 
     def read_ahead(self, limit: int) -> bytes | None:
         """Decrypt what has arrived, up to limit bytes in all, without waiting; keep it
@@ -48,6 +55,8 @@ class TLSConnectionSocket(ssl.SSLSocket):
 
     def read(self, len: int = 1024, buffer: Any = None) -> Any:
         # recv() and recv_into() (and so the handler's rfile) read through this.
+        if self._held is not None:
+            self.release_head()  # a "100 Continue" must reach the client first
         if not self._ahead:
             return super().read(len, buffer)
         return self._give(len, buffer)
@@ -64,6 +73,24 @@ class TLSConnectionSocket(ssl.SSLSocket):
             target[:n] = ahead[:n]
             self._ahead = ahead[n:]
             return n
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        if self._hold or self._held is not None:
+            data = self._hold_step(data, flags)
+            if data is None:
+                return  # a head, held for its body
+        super().sendall(data, flags)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        # SSLSocket.sendall() sends through this: it finds nothing held by then.
+        if self._hold or self._held is not None:
+            self.release_head()
+        return super().send(data, flags)
+
+    def unwrap(self) -> Any:
+        if self._hold or self._held is not None:
+            self._release_quietly()
+        return super().unwrap()
 
     def pending(self) -> int:
         return super().pending() + len(self._ahead)
