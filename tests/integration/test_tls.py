@@ -609,3 +609,29 @@ def test_held_heads_over_tls(tls_certs: CertSet) -> None:
         tls_connect(server.server_address, tls_certs.client_context()) as sock,
     ):
         check_upload_conversation(sock)
+
+
+@pytest.mark.timeout(60)
+def test_tls_keep_alive_clients_trickling_their_next_head_hold_no_thread(
+    tls_certs: CertSet,
+) -> None:
+    """10 TLS keep-alive clients send one good request, then trickle the next head: the head wait runs again in the loop (decrypting ahead without waiting, though the parked socket keeps the handler's timeout), so on 2 threads a real TLS client is answered at once and the tricklers are closed at request_timeout."""
+    context = tls_certs.client_context()
+    with running(
+        tls_certs, PathPage, _limits_pool_tls(), max_threads=2, request_timeout=2.0
+    ) as server:
+        slow = [tls_connect(server.server_address, context) for _ in range(10)]
+        for sock in slow:
+            sock.sendall(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert read_until(sock, b"\r\n\r\n/first").startswith(b"HTTP/1.1 200 OK\r\n")
+            sock.sendall(b"GET /next HTTP/1.1\r\nHost: t\r\n")  # the next head, unfinished
+        with dripping(slow):
+            assert wait_until(lambda: server.waiting_connections == 10)
+            assert server.pool.busy == 0
+            for _ in range(3):
+                started = time.monotonic()
+                with tls_connect(server.server_address, context) as sock:
+                    sock.sendall(b"GET /real HTTP/1.1\r\nHost: t\r\n\r\n")
+                    assert read_until(sock, b"\r\n\r\n/real").startswith(b"HTTP/1.1 200")
+                assert time.monotonic() - started < 1.5
+            assert wait_until(lambda: server.waiting_connections == 0)

@@ -420,14 +420,18 @@ class ConnectionPipeline:
         if (
             index is not None
             and not events & _HANGUP
-            and connection.tls is None
-            and (type(request) is ConnectionSocket or not request.gettimeout())
+            and (
+                type(request) is ConnectionSocket
+                or (connection.tls is None and not request.gettimeout())
+                or hasattr(request, "read_ahead")
+            )
         ):
             # The stage that waits for a whole request runs again, in the loop, with its
             # own deadline: a client that trickles its next request holds no thread.
-            # Only where its peek cannot wait: a plain socket keeps the handler's timeout
-            # while parked, and CPython polls such a socket for up to that timeout before
-            # any recv(), MSG_DONTWAIT or not (ConnectionSocket does not).
+            # Only where its look at the bytes cannot wait: a plain socket keeps the
+            # handler's timeout while parked, and CPython polls such a socket for up to
+            # that timeout before any recv(), MSG_DONTWAIT or not; ConnectionSocket does
+            # not, and TLSConnectionSocket.read_ahead() makes itself non-blocking.
             self._enter(connection, index)
             connection.state = ConnectionState.PREAMBLE
             if self._advance(connection, on_loop=True):

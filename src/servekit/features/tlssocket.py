@@ -38,20 +38,28 @@ class TLSConnectionSocket(HeadHolding, ssl.SSLSocket):
     def read_ahead(self, limit: int) -> bytes | None:
         """Decrypt what has arrived, up to limit bytes in all, without waiting; keep it
         for the handler and return everything kept so far. None if the client closed
-        before sending a byte. Call it only while the socket is non-blocking."""
-        ahead = self._ahead
-        while len(ahead) < limit:  # bounded: each turn takes bytes, or ends the loop
-            try:
-                chunk = super().read(limit - len(ahead))
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                break  # nothing more decrypted yet
-            if not chunk:
-                if not ahead:
-                    return None
-                break  # the client closed after some bytes: the handler reads them, then EOF
-            ahead += chunk
-        self._ahead = ahead
-        return ahead
+        before sending a byte. A socket with a timeout (a parked connection keeps its
+        handler's) is made non-blocking for the call: the loop must never wait."""
+        timeout = self.gettimeout()
+        if timeout != 0.0:
+            self.settimeout(0.0)
+        try:
+            ahead = self._ahead
+            while len(ahead) < limit:  # bounded: each turn takes bytes, or ends the loop
+                try:
+                    chunk = super().read(limit - len(ahead))
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    break  # nothing more decrypted yet
+                if not chunk:
+                    if not ahead:
+                        return None
+                    break  # the client closed after some bytes: they go first, then EOF
+                ahead += chunk
+            self._ahead = ahead
+            return ahead
+        finally:
+            if timeout != 0.0:
+                self.settimeout(timeout)
 
     def read(self, len: int = 1024, buffer: Any = None) -> Any:
         # recv() and recv_into() (and so the handler's rfile) read through this.
