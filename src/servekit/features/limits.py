@@ -12,10 +12,12 @@
 # to say (wait_for_request="auto", the default: see request_wait_of()): an http.server
 # handler given a thread on its first bytes would hold it for as long as a client takes
 # to trickle in its headers. A parked connection's later messages are dispatched on
-# their first bytes, and idle_timeout bounds how long it may stay parked (park_timeout()).
-# Checking for a line or a head uses recv(MSG_PEEK), so the bytes stay in the kernel for
-# the handler: nothing is buffered here, and TLS connections (whose bytes are encrypted)
-# wait for data, not a line.
+# their first bytes, except that a whole head is awaited again before every HTTP request
+# (WaitForRequest.each_message); idle_timeout bounds how long a connection may stay
+# parked (park_timeout()). Checking for a line or a head uses recv(MSG_PEEK), so the
+# bytes stay in the kernel for the handler: nothing is buffered here. Over TLS the
+# kernel holds encrypted records, so the request is decrypted ahead instead and kept on
+# the socket for the handler (servekit.features.tlssocket).
 #
 # While a handler runs, idle_timeout bounds every read (a client silent that long is
 # cut off and logged, not reported as a handler error), and request_deadline() tells

@@ -21,9 +21,13 @@
 #     re-arming a socket with unread bytes reports it ready again at once (epoll_ctl
 #     re-polls), and the line wait peeks without reading.
 #   * Busy connections stay off the loop: after a message the thread checks whether the
-#     next one is already buffered (in the handler's rfile, or in the kernel) and, if so,
-#     handles it at once; only a connection with nothing to read is parked. A parked
+#     next one is already buffered (in the handler's rfile, or in TLS's buffer) and, if
+#     so, handles it at once; only a connection with nothing buffered is parked (bytes
+#     in the kernel are reported by epoll as soon as it is re-armed). A parked
 #     connection costs one wake-up of the loop and one hand-off to the pool per message.
+#   * A stage may run before every message, not only the first (Stage.each_message: the
+#     whole-head wait for HTTP handlers), so a keep-alive client that trickles its next
+#     request holds no thread either.
 #   * Deadlines (stage timeouts, the idle timeout of parked connections) are fields of the
 #     record, checked by one sweep of the loop-owned connections every sweep interval
 #     (at most 1 s, finer for short timeouts): no timer per message, so a busy connection
@@ -794,7 +798,8 @@ class ConnectionPipeline:
                 remaining = self.stages[connection.stage :]
                 if not run_stages_blocking(self.server, connection, remaining, until=until):
                     if self._remove(connection):
-                        self._close_socket(connection)
+                        # On a pool thread; a keep-alive connection has its handler.
+                        self._close_socket(connection, on_loop=False)
                     return
                 connection.stage = len(self.stages)
             self._handle(connection)
