@@ -11,6 +11,9 @@
 #                  client's time to its echo;
 #   stalled-tls    200 clients stall mid-ClientHello on 8 threads; then a real TLS
 #                  client's time to its echo;
+#   stalled-http   200 clients stall mid-request-head against http.server on 8 threads
+#                  (servekit) or a thread each (stdlib); then a real client's time to
+#                  its response;
 #   pingpong-128, churn   run.py's loadgen scenarios on `servekit echo --workers 2
 #                  --threads 32` beside the stdlib (backlog 5 and 1024), asyncio, uvloop.
 # Contenders are real commands (`python -m servekit echo ...`) or bench/servers/
@@ -140,6 +143,16 @@ SERVERS = {
             ready=SERVEKIT_READY,
             cwd="{docroot}",
         ),
+        Server(
+            "servekit_serve_8_data",
+            "the same with `--wait-for-request data` (a thread once the first bytes are in: "
+            "the behaviour before the head wait)",
+            servekit_cli(
+                "serve", "http_handler:Handler", "--threads", "8", "--wait-for-request", "data"
+            ),
+            ready=SERVEKIT_READY,
+            cwd="{docroot}",
+        ),
     ]
 }
 
@@ -161,6 +174,7 @@ class Settings:
     ramp_stall: float = 0.5
     proxy_stallers: int = 16
     tls_stallers: int = 200
+    http_stallers: int = 200
     # The stallers' bytes are out; give the server this long to pick them up before
     # the real client comes (it accepts in its loop: far less than this).
     stall_settle: float = 0.2
@@ -178,6 +192,7 @@ QUICK = Settings(
     round_timeout=1.5,
     ramp_stall=0.3,
     tls_stallers=24,
+    http_stallers=24,
     probes=1,
     probe_timeout=2.0,
     quiet_wait=0.0,
@@ -348,6 +363,21 @@ def scenarios(s: Settings) -> list[Scenario]:
             stalled_notes,
         ),
         Scenario(
+            "stalled-http",
+            f"Stalled HTTP request heads: {s.http_stallers} clients, http.server",
+            f"{s.http_stallers} clients each send a request line and one header of "
+            f"`GET /{STATIC_FILE}` to an unmodified `SimpleHTTPRequestHandler` (HTTP/1.1), "
+            "never the empty line that ends the head, and stall. A real client then sends a "
+            "whole request; *answer* is connect() to the response. The stdlib holds a thread "
+            "per staller; servekit (8 threads) waits for whole heads in its loop "
+            "(`wait_for_request` auto: head) and closes stallers at `--request-timeout` "
+            "(30 s); with `--wait-for-request data` it gives each staller a thread as "
+            "before, and the real client waits for the stallers' timeout. Target: under 1 s.",
+            ("stdlib_http", "servekit_serve_8", "servekit_serve_8_data"),
+            STALLED_COLUMNS,
+            stalled_notes,
+        ),
+        Scenario(
             "pingpong-128",
             "Ping-pong, 128 connections (loadgen)",
             "bench/run.py's pingpong-128: 128 connections opened at once, each with one 64-byte "
@@ -514,6 +544,11 @@ def run_one(scenario: Scenario, server: Server, ctx: Context, s: Settings) -> di
         payload = PROXY_V2_SIGNATURE[:6]
         body = stalled_case(s.proxy_stallers, payload, probe_proxy_line, s)
         probe = probe_proxy_line
+    elif scenario.name == "stalled-http":
+        path = f"/{STATIC_FILE}"
+        payload = f"GET {path} HTTP/1.1\r\nHost: bench\r\n".encode()
+        body = stalled_case(s.http_stallers, payload, probe_http(path), s)
+        probe = probe_http(path)
     elif scenario.name == "stalled-tls":
         if not ctx.places.get("cert"):
             return {"status": "n/a", "reason": "no certificate: the openssl command is missing"}
