@@ -635,3 +635,15 @@ def test_tls_keep_alive_clients_trickling_their_next_head_hold_no_thread(
                     assert read_until(sock, b"\r\n\r\n/real").startswith(b"HTTP/1.1 200")
                 assert time.monotonic() - started < 1.5
             assert wait_until(lambda: server.waiting_connections == 0)
+
+
+def test_tls_client_closing_mid_head_is_handled_at_once(tls_certs: CertSet) -> None:
+    """A TLS client that sends part of a head and closes is handed over (the handler reads the bytes, then EOF) instead of waiting for request_timeout: a closed socket must not keep the connection in the loop."""
+    with running(
+        tls_certs, PathPage, _limits_pool_tls(), max_threads=2, request_timeout=20.0
+    ) as server:
+        with tls_connect(server.server_address, tls_certs.client_context()) as sock:
+            sock.sendall(b"GET /partial HTTP/1.1\r\nHost: t\r\n")
+            assert wait_until(lambda: server.waiting_connections == 1)
+            sock.close()  # FIN, without close_notify: a client that just went away
+        assert wait_until(lambda: server.connections == 0, timeout=3.0)

@@ -109,17 +109,18 @@ def _check_wait_mode(value: str) -> str | None:
 
 
 def _tls_verdict(
-    data: bytes | None, complete: Callable[[bytes, int], bool], limit: int, head: bool
+    data: bytes, closed: bool, complete: Callable[[bytes, int], bool], limit: int, head: bool
 ) -> str:
-    if data is None:
-        return ""
-    if complete(data, len(data)) or (head and len(data) >= limit):
+    if closed and not data:
+        return ""  # closed before sending anything
+    if complete(data, len(data)) or (head and len(data) >= limit) or closed:
+        # Whole, too long for the wait, or all the client will send: the handler reads
+        # it (and then EOF). Waiting on a closed socket would report it readable forever.
         return "ready"
     if len(data) >= limit:
         return f"line longer than {limit} bytes"
-    # Not "more": the bytes left the kernel (decrypted ahead), so a plain wait for
-    # readability is what reports the next ones.
-    return "wait"
+    # Part of it: wait, edge-triggered, for more (as for a plain socket's partial line).
+    return "more" if data else "wait"
 
 
 def _line_complete(data: bytes | bytearray, got: int) -> bool:
@@ -220,12 +221,12 @@ class WaitForRequest(Stage):
         # Over TLS the kernel holds encrypted records: the request is decrypted ahead
         # and kept on the socket for the handler (servekit.features.tlssocket).
         try:
-            data = request.read_ahead(limit)
+            data, closed = request.read_ahead(limit)
         except (ConnectionResetError, ConnectionAbortedError, ssl.SSLEOFError):
             return ""  # the client went away: a normal event, not worth a log line
         except OSError as exc:
             return f"error before its request: {exc.strerror or exc}"
-        return _tls_verdict(data, complete, limit, head)
+        return _tls_verdict(data, closed, complete, limit, head)
 
     def ready(self, connection: Connection, events: int) -> str:
         """'ready', 'wait' (nothing yet), 'more' (part of a line or head), '' (the

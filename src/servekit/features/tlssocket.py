@@ -35,28 +35,29 @@ class TLSConnectionSocket(HeadHolding, ssl.SSLSocket):
     _hold = False
     _held: bytes | None = None
 
-    def read_ahead(self, limit: int) -> bytes | None:
+    def read_ahead(self, limit: int) -> tuple[bytes, bool]:
         """Decrypt what has arrived, up to limit bytes in all, without waiting; keep it
-        for the handler and return everything kept so far. None if the client closed
-        before sending a byte. A socket with a timeout (a parked connection keeps its
-        handler's) is made non-blocking for the call: the loop must never wait."""
+        for the handler. Returns everything kept so far, and whether the client has
+        closed its side (the handler reads the bytes first, then EOF). A socket with a
+        timeout (a parked connection keeps its handler's) is made non-blocking for the
+        call: the loop must never wait."""
         timeout = self.gettimeout()
         if timeout != 0.0:
             self.settimeout(0.0)
         try:
             ahead = self._ahead
+            closed = False
             while len(ahead) < limit:  # bounded: each turn takes bytes, or ends the loop
                 try:
                     chunk = super().read(limit - len(ahead))
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     break  # nothing more decrypted yet
                 if not chunk:
-                    if not ahead:
-                        return None
-                    break  # the client closed after some bytes: they go first, then EOF
+                    closed = True
+                    break
                 ahead += chunk
             self._ahead = ahead
-            return ahead
+            return ahead, closed
         finally:
             if timeout != 0.0:
                 self.settimeout(timeout)
