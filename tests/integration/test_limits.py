@@ -360,9 +360,11 @@ def test_head_mode_hands_a_whole_head_over_intact() -> None:
     """A head that arrives in pieces is handed to the handler once complete, byte for byte (the peek leaves it in the kernel), and a pipelined second request is served too."""
     with Server((LOCALHOST, 0), PathPage, max_threads=2) as server, serving(server):
         with connect(server.server_address) as sock:
-            for piece in (b"GET / HTTP/1.1\r\n", b"Host: t\r\n", b"Accept: */*\r\n"):
-                sock.sendall(piece)
-                time.sleep(0.05)  # pacing, so that the server sees the head in pieces
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+            # The server holds a partial head in its loop before the rest arrives.
+            assert wait_until(lambda: server.waiting_connections == 1)
+            sock.sendall(b"Host: t\r\n")
+            sock.sendall(b"Accept: */*\r\n")
             sock.sendall(b"\r\nGET /b HTTP/1.1\r\nHost: t\r\n\r\n")
             answer = read_until(sock, b"\r\n\r\n/b")
             assert answer.count(b"HTTP/1.1 200 OK\r\n") == 2

@@ -235,14 +235,13 @@ class WaitForRequest(Stage):
         if mode == "none":
             return "ready"
         request = connection.request
-        if mode == "data" or (
-            isinstance(request, ssl.SSLSocket) and not hasattr(request, "read_ahead")
-        ):
+        tls = isinstance(request, ssl.SSLSocket)
+        if mode == "data" or (tls and not hasattr(request, "read_ahead")):
             return peek_ready(connection)  # the handler reads, and sees EOF or errors itself
         head = mode == "head"
         complete = _head_complete if head else _line_complete
         limit = HEAD_LIMIT if head else self.limit
-        if isinstance(request, ssl.SSLSocket):
+        if tls:
             return self._tls_ready(request, complete, limit, head)
         try:
             # A small peek first, into a reused buffer: the whole line (or head) is almost
