@@ -328,7 +328,7 @@ def _assert_served_past(
     """While slow trickle: they all wait in the loop, no thread is busy, a real client gets
     its page within `within` seconds each time; then each slow one is cut off."""
     assert wait_until(lambda: server.waiting_connections == len(slow))
-    assert server.pool.busy == 0
+    assert wait_until(lambda: server.pool.busy == 0)
     for _ in range(gets):
         started = time.monotonic()
         assert _get(server.server_address).startswith(b"HTTP/1.1 200 OK\r\n")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -17,7 +20,7 @@ from servekit.features.pool import (
     ThreadPoolUDPServer,
     WorkerPool,
 )
-from servekit.testing import LOCALHOST, connect, serving
+from servekit.testing import LOCALHOST, connect, serving, wait_until
 
 
 class Gate:
@@ -250,30 +253,69 @@ def test_worker_pool_saturation_edges_are_ordered() -> None:
         pool.submit(task)
 
 
-def test_worker_pool_submit_each_runs_every_item_once() -> None:
-    """submit_each() queues a burst in one go: every item runs once, on at most
-    max_threads threads, and saturation is reported once when the burst crosses it."""
+class ReadyQueue:
+    """A ReadySource over a queue: add() makes a task ready; wake() interrupts a wait."""
+
+    def __init__(self) -> None:
+        self.items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def add(self, fn: Callable[..., object], *args: Any) -> None:
+        self.items.put((fn, args))
+
+    def take_ready(self, timeout: float) -> Any:
+        try:
+            if timeout == 0:
+                return self.items.get_nowait()
+            return self.items.get(timeout=None if timeout < 0 else timeout)
+        except queue.Empty:
+            return None
+
+    def wake(self) -> None:
+        self.items.put(None)
+
+
+def test_a_following_pool_runs_ready_work_and_is_woken_for_queued_work() -> None:
+    """A pool of one thread following a source runs what the source makes ready, and a
+    submit() while that thread waits in the source still runs (the leader is woken)."""
+    source = ReadyQueue()
+    pool = WorkerPool(1, idle_timeout=None)
+    pool.follow(source)
+    ran = threading.Semaphore(0)
+    source.add(ran.release)
+    pool.submit(lambda: None)  # starts the thread; it then leads, waiting in the source
+    assert ran.acquire(timeout=5)
+    assert wait_until(lambda: pool.busy == 0 and pool.idle == 0 and pool.size == 1)
+    pool.submit(ran.release)  # every thread is in the source: only a wake reaches it
+    assert ran.acquire(timeout=5)
+    source.add(ran.release)  # and it leads again afterwards
+    assert ran.acquire(timeout=5)
+    assert pool.shutdown(timeout=5)
+    assert wait_until(lambda: pool.size == 0)  # the leader left the source and exited
+
+
+def test_a_following_pool_counts_ready_work_as_busy() -> None:
+    """A task taken from the source counts towards busy and saturation like a submitted one."""
+    source = ReadyQueue()
     events: list[str] = []
-    seen: list[int] = []
-    lock = threading.Lock()
-    done = threading.Semaphore(0)
     pool = WorkerPool(
-        3,
+        1,
+        idle_timeout=None,
         on_saturated=lambda: events.append("full"),
         on_unsaturated=lambda: events.append("free"),
     )
+    pool.follow(source)
+    entered, release = threading.Event(), threading.Event()
 
-    def task(item: int) -> None:
-        with lock:
-            seen.append(item)
-        done.release()
+    def held() -> None:
+        entered.set()
+        release.wait(10)
 
-    pool.submit_each(task, list(range(10)))
-    assert events[:1] == ["full"]
-    assert all(done.acquire(timeout=5) for _ in range(10))
+    pool.submit(lambda: None)
+    assert wait_until(lambda: events == ["full", "free"] and pool.busy == 0)
+    source.add(held)
+    assert entered.wait(5)
+    assert pool.busy == 1 and events == ["full", "free", "full"]
+    release.set()
+    assert wait_until(lambda: pool.busy == 0)
+    assert events == ["full", "free", "full", "free"]
     assert pool.shutdown(timeout=5)
-    assert sorted(seen) == list(range(10))
-    assert pool.size <= 3
-    assert events == ["full", "free"]
-    with pytest.raises(RuntimeError):
-        pool.submit_each(task, [1, 2])

@@ -8,12 +8,17 @@
 #   PREAMBLE  in a preamble stage (PROXY header, TLS handshake,
 #             waiting for the first request), no thread held         owner: the loop
 #   HANDLING  a pool thread runs a stage step or the handler         owner: that thread
-#   PARKED    between two messages, waiting for bytes, no thread     owner: the loop
+#   PARKED    between two messages, waiting for bytes, no thread     owner: whoever
+#             (in the pipeline's parked_by_fd table)                 pops it from the
+#                                                                    table
 #   CLOSED    closed; the record is kept only by whoever logs it     owner: nobody
 #
-# Ownership passes from the loop to a thread by pool.submit(), and back by arming the
-# connection's descriptor in the loop's epoll set: the thread sets every field first and
-# arms last, and never touches the record after arming, so no lock is needed. Stages and
+# Ownership passes from the loop to a thread by pool.submit(), back to the loop by arming
+# the connection's descriptor in the loop's epoll set, and to the parking table by
+# entering it there and arming the descriptor in the parking epoll set; a thread that
+# gets its event, the idle sweep and the shutdown sequence each pop it from the table,
+# and only the one that gets it acts. The thread sets every field first and arms last,
+# and never touches the record after arming, so no lock is needed. Stages and
 # handlers read the record (peer, real client, TLS and PROXY details, counters) through
 # current_connection() on the thread that runs them.
 from __future__ import annotations
@@ -66,6 +71,7 @@ class Connection:
         "handler_factory",
         "messages",
         "outcome",
+        "parking_armed",
         "peer",
         "probe",
         "probed",
@@ -122,6 +128,8 @@ class Connection:
         self.timeout: float | None = None
         #: True while registered edge-triggered without one-shot (a partial line waits).
         self.waiting_armed = False
+        #: Registered in the pipeline's parking set (from its first parking on).
+        self.parking_armed = False
         #: The handler's rfile as last seen between messages, and how to look into its
         #: buffer (servekit.features.pipeline.message_buffered()).
         self.probed: Any = None

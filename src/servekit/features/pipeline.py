@@ -1,6 +1,6 @@
 # The connection pipeline: every accepted stream connection goes
 #
-#   admit -> preamble stages (in the loop) -> handler (pool thread) -> park (in the loop)
+#   admit -> preamble stages (in the loop) -> handler (pool thread) -> park (epoll set)
 #                                                  ^                       |
 #                                                  +---- its next bytes ---+   -> close
 #
@@ -10,10 +10,18 @@
 # has not sent its first request, a keep-alive connection between two messages -- waits
 # as a descriptor in one epoll set, which the serving loop watches (BaseServer.watch()).
 #
-#   * Ownership, not locks: a connection is owned by the loop (ADMITTED, PREAMBLE,
-#     PARKED) or by exactly one pool thread (HANDLING); see servekit.features.connection.
-#     A thread hands a connection back by arming its descriptor (epoll_ctl is
-#     thread-safe) after setting every field, and never touches it again.
+#   * Ownership, not locks: a connection is owned by the loop (ADMITTED, PREAMBLE), by
+#     exactly one pool thread (HANDLING), or, PARKED, by whoever pops it from
+#     parked_by_fd; see servekit.features.connection. A thread hands a connection on by
+#     arming its descriptor (epoll_ctl is thread-safe) after setting every field, and
+#     never touches it again.
+#   * Two epoll sets: the loop watches the preamble set; the pool's threads watch the
+#     parking set themselves (leader/followers: WorkerPool.follow(), take_ready()). A
+#     message on a parked connection goes from the kernel to a thread: between messages a
+#     thread takes the next ready connection without waiting, and one idle thread waits
+#     in the set. The loop used to take those events and hand them to the pool: a
+#     wake-up of the loop, a queue and a wake-up of a thread per message, measured at
+#     about one context switch per message on ping-pong; following costs about 0.1.
 #   * Every arm is EPOLLONESHOT | EPOLLET: one event, then the descriptor is silent until
 #     re-armed, so the loop never spins on a socket a thread is reading, and an event for a
 #     connection the loop does not own is simply dropped. The one exception: a connection
@@ -23,8 +31,7 @@
 #   * Busy connections stay off the loop: after a message the thread checks whether the
 #     next one is already buffered (in the handler's rfile, or in TLS's buffer) and, if
 #     so, handles it at once; only a connection with nothing buffered is parked (bytes
-#     in the kernel are reported by epoll as soon as it is re-armed). A parked
-#     connection costs one wake-up of the loop and one hand-off to the pool per message.
+#     in the kernel are reported by epoll as soon as it is re-armed).
 #   * A stage may run before every message, not only the first (Stage.each_message: the
 #     whole-head wait for HTTP handlers), so a keep-alive client that trickles its next
 #     request holds no thread either.
@@ -41,6 +48,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import os
 import select
 import socket
 import ssl
@@ -53,6 +61,7 @@ from servekit.features.addresses import format_peer
 from servekit.features.connection import (
     Connection,
     ConnectionState,
+    _local,
     _set_current,
     current_connection,
 )
@@ -306,16 +315,23 @@ class ConnectionPipeline:
         submit: Callable[..., None],
         *,
         idle_timeout: float | None,
-        submit_each: Callable[[Callable[..., object], list[Any]], None] | None = None,
     ) -> None:
         self.server = server
         self.stages = tuple(stages)
         self.submit = submit
-        #: submit(fn, item) for each item at once (None: one submit() each).
-        self.submit_each = submit_each
         #: Seconds a parked connection may wait for its next message (None: forever).
         self.idle_timeout = idle_timeout
+        #: Connections in a preamble stage wait here; the serving loop watches it.
         self.epoll = select.epoll()
+        #: Parked connections wait here; the pool's threads watch it (take_ready()), so
+        #: a message on a parked connection goes from the kernel to a thread directly.
+        self.parking = select.epoll()
+        #: Parked connections by descriptor: whoever pops one owns it (a thread that got
+        #: its event, the idle sweep, the shutdown sequence). dict.pop() is atomic.
+        self.parked_by_fd: dict[int, Connection] = {}
+        #: Written by wake() to interrupt a thread waiting in take_ready().
+        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.parking.register(self._wakeup, select.EPOLLIN)
         #: Every open connection by descriptor. Written by the loop (admit) and by
         #: whoever closes a connection; dict operations are atomic.
         self.connections: dict[int, Connection] = {}
@@ -383,40 +399,64 @@ class ConnectionPipeline:
     def on_ready(self) -> None:
         """The epoll set is readable: move each ready connection on (loop thread)."""
         connections = self.connections
-        ready: list[Connection] = []
-        for fd, events in self.epoll.poll(0, _MAX_EVENTS):
+        for fd, _events in self.epoll.poll(0, _MAX_EVENTS):
             connection = connections.get(fd)
-            if connection is None:
-                continue
-            state = connection.state
-            if state is _PARKED:
-                if events & _HANGUP or connection.tls is not None or self._rewait is not None:
-                    self._unpark(connection, events)
-                else:
-                    # The busy path, kept short: bytes of the next message (see
-                    # _message_ready()), to a thread with the rest of this burst.
-                    connection.state = _HANDLING
-                    ready.append(connection)
-            elif state is ConnectionState.PREAMBLE and (
-                self.stages[connection.stage].offload or self._advance(connection, on_loop=True)
+            if (
+                connection is not None
+                and connection.state is ConnectionState.PREAMBLE
+                and (
+                    self.stages[connection.stage].offload or self._advance(connection, on_loop=True)
+                )
             ):
                 self._dispatch(connection)
-            # HANDLING: a late event for a connection a thread owns; it re-arms itself.
-        if ready:
-            self._dispatch_each(ready)
+            # Any other state: a late event (a thread owns it, or it is parked in the
+            # parking set now); whoever owns it arms it again.
 
-    def _dispatch_each(self, ready: list[Connection]) -> None:
-        """Hand connections already marked HANDLING to the pool, in one submission."""
-        if self.submit_each is None or len(ready) == 1:
-            for connection in ready:
-                self._dispatch(connection)
-            return
+    # -- the thread side of parked connections (a ReadySource for the pool) ---------------
+
+    def take_ready(self, timeout: float) -> tuple[Callable[..., object], tuple[Any, ...]] | None:
+        """A parked connection whose next bytes arrived, as a task for this thread.
+
+        Called by pool threads (WorkerPool.follow()): with timeout 0 between messages,
+        and with -1 by the one idle thread that waits. None if nothing is ready, on
+        wake(), and for an event of a connection somebody else took.
+        """
         try:
-            self.submit_each(self.run, ready)
-        except RuntimeError:
-            for connection in ready:  # the pool is shut down (server closing)
-                connection.outcome = "shutdown"
-                self._close(connection, "", finish_on_loop=True)
+            events = self.parking.poll(timeout, 1)
+        except (OSError, ValueError):
+            return None  # closed by the shutdown sequence
+        for fd, mask in events:
+            connection = self.parked_by_fd.pop(fd, None)
+            if connection is not None:
+                return (self.serve_parked, (connection, mask))
+            if fd == self._wakeup and timeout:
+                # Only the waiting thread clears it (the event is level-triggered): a
+                # look between messages must not swallow the wake-up meant for it.
+                try:
+                    os.eventfd_read(self._wakeup)
+                except OSError:
+                    pass  # read by a previous waiter already
+        return None
+
+    def wake(self) -> None:
+        """Make a take_ready() that waits return."""
+        wakeup = self._wakeup
+        if wakeup >= 0:  # after close() the number may belong to another file
+            os.eventfd_write(wakeup, 1)
+
+    def serve_parked(self, connection: Connection, events: int) -> None:
+        """A pool thread's turn with a parked connection that became readable."""
+        _local.connection = connection  # _set_current(), inlined: this runs per message
+        try:
+            if not events & _HANGUP and connection.tls is None and self._rewait is None:
+                # The busy path, kept short: bytes of the next message (see
+                # _message_ready()).
+                connection.state = _HANDLING
+                self._handle(connection)
+            else:
+                self._unpark(connection, events)
+        finally:
+            _local.connection = None
 
     def _unpark(self, connection: Connection, events: int) -> None:
         index = self._rewait
@@ -431,27 +471,31 @@ class ConnectionPipeline:
             )
         ):
             # The stage that waits for a whole request runs again, in the loop, with its
-            # own deadline: a client that trickles its next request holds no thread.
-            # Only where its look at the bytes cannot wait: a plain socket keeps the
-            # handler's timeout while parked, and CPython polls such a socket for up to
-            # that timeout before any recv(), MSG_DONTWAIT or not; ConnectionSocket does
-            # not, and TLSConnectionSocket.read_ahead() makes itself non-blocking.
+            # own deadline: a client that trickles its next request holds no thread (the
+            # stage's wait is in the loop). Only where its look at the bytes cannot
+            # wait: a plain socket keeps the handler's timeout while parked, and CPython
+            # polls such a socket for up to that timeout before any recv(), MSG_DONTWAIT
+            # or not; ConnectionSocket does not, and TLSConnectionSocket.read_ahead()
+            # makes itself non-blocking.
             self._enter(connection, index)
             connection.state = ConnectionState.PREAMBLE
-            if self._advance(connection, on_loop=True):
-                self._dispatch(connection)
+            if self._advance(connection, on_loop=False):
+                connection.state = _HANDLING
+                self._handle(connection)
             return
         verdict = self._message_ready(connection, events)
         if verdict == "ready":
-            self._dispatch(connection)
+            connection.state = _HANDLING
+            self._handle(connection)
         elif verdict == "wait":
-            self._arm(connection)  # a spurious event: wait again
+            self._park(connection, renew=False)  # a spurious event: wait again
         elif verdict == "more":
-            self._wait(connection, Step.MORE)
+            # A part of a TLS record: only new bytes may wake it (see the strategy).
+            self._park(connection, renew=False, mask=_IN | select.EPOLLET)
         else:
             if verdict:
                 connection.outcome = "stage-failed"
-            self._close(connection, verdict, finish_on_loop=True)
+            self._close(connection, verdict)
 
     def _message_ready(self, connection: Connection, events: int) -> str:
         """'ready', 'wait' (nothing yet), or '' (the client closed) for a parked connection.
@@ -481,7 +525,10 @@ class ConnectionPipeline:
                     connection.outcome = "stage-timeout"
                     stage.fail(connection, stage.expired(connection))
                     self._close_socket(connection)
-            elif connection.state is ConnectionState.PARKED:
+            elif (
+                connection.state is ConnectionState.PARKED
+                and self.parked_by_fd.pop(connection.fd, None) is connection
+            ):
                 connection.outcome = "idle-timeout"
                 self._close(connection, "", finish_on_loop=True)
                 log.debug(
@@ -560,6 +607,12 @@ class ConnectionPipeline:
 
     # -- handing over and back -----------------------------------------------------------
 
+    def _arm_loop_off(self, connection: Connection) -> None:
+        # Left armed without one-shot by a partial read (Step.MORE): silence it, or every
+        # byte of later messages would wake the loop for nothing.
+        connection.waiting_armed = False
+        self._modify(connection, _ARM_ONCE)
+
     def _arm(self, connection: Connection) -> None:
         connection.waiting_armed = False
         self._modify(connection, _IN | _ARM_ONCE)
@@ -572,6 +625,8 @@ class ConnectionPipeline:
             pass
 
     def _dispatch(self, connection: Connection) -> None:
+        if connection.waiting_armed:
+            self._arm_loop_off(connection)
         connection.state = ConnectionState.HANDLING
         try:
             self.submit(self.run, connection)
@@ -676,22 +731,29 @@ class ConnectionPipeline:
             self._rewait = self._each_message_stage()
         return self._factory
 
-    def _park(self, connection: Connection) -> None:
+    def _park(self, connection: Connection, *, renew: bool = True, mask: int = _PARK_MASK) -> None:
         # No lock (a lock held across epoll_ctl, which releases the GIL, convoys every
         # thread behind the one waiting for the GIL). Against close_idle() the order of
-        # two writes suffices: we publish PARKED, then read closing; it sets closing,
-        # then collects PARKED connections. Whichever comes second sees the other, and
-        # _claim() lets only one of us close it.
-        idle = self.idle_timeout
-        connection.deadline = None if idle is None else _monotonic() + idle
-        connection.deadline_reason = "idle"
+        # two writes suffices: we publish the connection as parked, then read closing; it
+        # sets closing, then collects parked connections. Whichever comes second sees the
+        # other, and parked_by_fd.pop() lets only one of us have it.
+        if renew:
+            idle = self.idle_timeout
+            connection.deadline = None if idle is None else _monotonic() + idle
+            connection.deadline_reason = "idle"
+        fd = connection.fd
+        self.parked_by_fd[fd] = connection
         connection.state = _PARKED
         if self.closing:
-            self._close(connection, "")
+            if self.parked_by_fd.pop(fd, None) is connection:
+                self._close(connection, "")
             return
-        connection.waiting_armed = False
-        try:
-            self.epoll.modify(connection.fd, _PARK_MASK)  # last: the loop owns it now
+        try:  # last: from here on, whoever pops it from parked_by_fd owns it
+            if connection.parking_armed:
+                self.parking.modify(fd, mask)
+            else:
+                connection.parking_armed = True
+                self.parking.register(fd, mask)
         except (OSError, ValueError):
             pass  # closed under us by the shutdown sequence: nothing to arm
 
@@ -717,6 +779,8 @@ class ConnectionPipeline:
             return False
         try:
             self.epoll.unregister(connection.fd)
+            if connection.parking_armed:
+                self.parking.unregister(connection.fd)
         except (OSError, ValueError):
             pass
         return True
@@ -765,6 +829,11 @@ class ConnectionPipeline:
         closed = 0
         grace_until = time.monotonic() + SHUTDOWN_GRACE
         for connection in idle:
+            if (
+                connection.state is ConnectionState.PARKED
+                and self.parked_by_fd.pop(connection.fd, None) is not connection
+            ):
+                continue  # a thread took it just now; it closes it after this message
             connection.closing = True
             # Served once more: a connection whose request is here, and one accepted
             # but still in its preamble (its client just connected: the request is
@@ -833,6 +902,9 @@ class ConnectionPipeline:
     def close(self) -> None:
         self.stop()
         self.epoll.close()
+        self.parking.close()
+        wakeup, self._wakeup = self._wakeup, -1
+        os.close(wakeup)
 
 
 def report_peer_exception(connection: Connection, exc: BaseException) -> bool:
