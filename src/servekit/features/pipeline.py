@@ -421,22 +421,38 @@ class ConnectionPipeline:
         and with -1 by the one idle thread that waits. None if nothing is ready, on
         wake(), and for an event of a connection somebody else took.
         """
-        try:
-            events = self.parking.poll(timeout, 1)
-        except (OSError, ValueError):
-            return None  # closed by the shutdown sequence
-        for fd, mask in events:
-            connection = self.parked_by_fd.pop(fd, None)
-            if connection is not None:
-                return (self.serve_parked, (connection, mask))
-            if fd == self._wakeup and timeout:
-                # Only the waiting thread clears it (the event is level-triggered): a
-                # look between messages must not swallow the wake-up meant for it.
-                try:
-                    os.eventfd_read(self._wakeup)
-                except OSError:
-                    pass  # read by a previous waiter already
-        return None
+        parked = self.parked_by_fd
+        while True:  # one event per turn; a client that closed is closed here, at once
+            try:
+                events = self.parking.poll(timeout, 1)
+            except (OSError, ValueError):
+                return None  # closed by the shutdown sequence
+            if not events:
+                return None
+            fd, mask = events[0]
+            connection = parked.pop(fd, None)
+            if connection is None:
+                if fd == self._wakeup and timeout:
+                    # Only the waiting thread clears it (the event is level-triggered): a
+                    # look between messages must not swallow the wake-up meant for it.
+                    try:
+                        os.eventfd_read(self._wakeup)
+                    except OSError:
+                        pass  # read by a previous waiter already
+                return None
+            if mask & _HANGUP and (
+                # A reset (EPOLLERR) leaves nothing to read: no peek, which would raise.
+                mask & select.EPOLLERR
+                or (connection.tls is None and peek_ready(connection, readable=True) == "")
+            ):
+                # Closed by the client between messages, the usual end of a keep-alive
+                # connection: closed by this thread without a turn as a task (which, for
+                # the thread that waits, means waking another to wait first). Never
+                # blocks: the handler's finish() runs with the socket non-blocking.
+                connection.state = _HANDLING
+                self._close(connection, "", finish_on_loop=True)
+                continue
+            return (self.serve_parked, (connection, mask))
 
     def wake(self) -> None:
         """Make a take_ready() that waits return."""
