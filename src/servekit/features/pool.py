@@ -82,9 +82,12 @@ class ReadySource(Protocol):
 # load its process keeps the CPU for a whole scheduler slice (milliseconds) while a
 # sibling worker process on the same core (servekit --workers N on fewer cores) waits
 # with its connections' messages. Yielding the CPU every so many messages bounds that
-# wait: measured on ping-pong with 2 processes on one core, p99 fell from 31-41 ms
-# (never yielding) to 6.6 ms at 16 (4: 5.8 ms, but 10 % fewer messages per second).
-_YIELD_EVERY = 16
+# wait. Measured on ping-pong, 128 connections, 2 processes of 32 threads on one core
+# (alternated rounds; p99 of the stdlib with 128 threads: 6-10 ms): never yielding,
+# p99 31-41 ms; every 16 messages, 6.6-8.2 ms; every 8, 6.0 ms with the same throughput;
+# every 2, 7.0 ms and 25 % fewer messages per second. A yield with nothing else to run
+# on the core returns at once.
+_YIELD_EVERY = 8
 _yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
 
 
