@@ -6,7 +6,7 @@
 # modules import it too.
 from __future__ import annotations
 
-__all__ = ["ListenerError", "ServekitError"]
+__all__ = ["ListenerError", "RequestTooSlow", "ServekitError"]
 
 
 class ServekitError(Exception):
@@ -22,3 +22,9 @@ class ListenerError(ServekitError, OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class RequestTooSlow(ServekitError, TimeoutError):
+    """A client sent its request slower than min_request_rate allows once
+    request_timeout has passed (servekit.features.readrate). A TimeoutError, so handlers
+    and servers that treat a read timeout as the client's doing keep doing so."""

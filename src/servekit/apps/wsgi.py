@@ -47,7 +47,7 @@ from urllib.parse import unquote
 from servekit import __version__
 from servekit.core.kinds import TCP_FAMILIES, family_of
 from servekit.core.server import ServerState
-from servekit.errors import ServekitError
+from servekit.errors import RequestTooSlow, ServekitError
 from servekit.features.addresses import format_peer
 from servekit.features.connection import current_connection
 from servekit.features.messages import MessageHandler
@@ -715,6 +715,18 @@ class WSGIRequestHandler(MessageHandler):
 
     def _failed(self, request: Request, response: _Response, exc: Exception) -> None:
         """The application (or our sending) raised: log it once and answer if possible."""
+        if isinstance(self._gone, RequestTooSlow):
+            # A body trickled in slower than min_request_rate: told, in one line.
+            log.info(
+                "%s: %s %s: %s; closing",
+                self._peer,
+                request.method,
+                _shorten(request.target),
+                self._gone,
+            )
+            if not response.headers_sent:
+                self._refuse(408, "Request Timeout", str(self._gone), response.head_only)
+            return
         if self._gone is not None:
             log.debug(
                 "%s: the client went away during %s %s: %s",

@@ -20,7 +20,9 @@
 # exceptions, timeouts) does not. ListenersMixIn creates it for the servers whose
 # concurrency mix-in asks for it (ThreadPoolMixIn.accepted_socket_class).
 #
-# It also holds a response head for its body (servekit.features.heads.HeadHolding).
+# It also holds a response head for its body (servekit.features.heads.HeadHolding), and
+# bounds the waits of a request's reads by a minimum data rate
+# (servekit.features.readrate.ReadRate).
 from __future__ import annotations
 
 import _socket
@@ -32,19 +34,21 @@ from collections.abc import Callable
 from typing import Any
 
 from servekit.features.heads import HeadHolding
+from servekit.features.readrate import ReadRate
 
 __all__ = ["ConnectionSocket"]
 
 _C = _socket.socket  # the C methods, which never poll on a timeout of 0.0
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
+_PEEK = int(socket.MSG_PEEK)
 _monotonic = time.monotonic
 
 
-class ConnectionSocket(HeadHolding, socket.socket):
+class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
     """socket.socket with a timeout that costs a system call only when it must wait."""
 
-    __slots__ = ("_held", "_hold", "_wait_timeout")
+    __slots__ = ("_held", "_hold", "_read_bytes", "_read_rate", "_read_until", "_wait_timeout")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -53,6 +57,9 @@ class ConnectionSocket(HeadHolding, socket.socket):
         self._hold = False
         #: The head being held.
         self._held: bytes | None = None
+        self._read_until: float | None = None
+        self._read_rate = 0.0
+        self._read_bytes = 0
         _C.settimeout(self, 0.0)  # the descriptor: non-blocking for good
 
     # -- the timeout, as the handler sees it ---------------------------------------------
@@ -82,6 +89,11 @@ class ConnectionSocket(HeadHolding, socket.socket):
         if timeout == 0.0:
             raise BlockingIOError(11, "Resource temporarily unavailable")
         deadline = None if timeout is None else _monotonic() + timeout
+        limited = False
+        if event == _POLLIN and self._read_until is not None:
+            limit = self.read_limit()
+            if limit is not None and (deadline is None or limit < deadline):
+                deadline, limited = limit, True  # the request's deadline comes first
         poller = select.poll()
         poller.register(self, event)
         while True:  # bounded by the deadline (or waits, as a blocking socket does)
@@ -91,6 +103,8 @@ class ConnectionSocket(HeadHolding, socket.socket):
                 left = deadline - _monotonic()
                 ready = poller.poll(max(0, math.ceil(left * 1000))) if left > 0 else []
             if not ready:
+                if limited:
+                    raise self.too_slow()
                 raise TimeoutError("timed out")
             try:
                 return call(self, *args)
@@ -103,19 +117,23 @@ class ConnectionSocket(HeadHolding, socket.socket):
         if self._held is not None:
             self.release_head()
         try:
-            return _C.recv(self, bufsize, flags)
+            data: bytes = _C.recv(self, bufsize, flags)
         except BlockingIOError:
-            result: bytes = self._wait_and(_POLLIN, _C.recv, bufsize, flags)
-            return result
+            data = self._wait_and(_POLLIN, _C.recv, bufsize, flags)
+        if self._read_until is not None and not flags & _PEEK:
+            self._read_bytes += len(data)
+        return data
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         if self._held is not None:
             self.release_head()
         try:
-            return _C.recv_into(self, buffer, nbytes, flags)
+            n: int = _C.recv_into(self, buffer, nbytes, flags)
         except BlockingIOError:
-            result: int = self._wait_and(_POLLIN, _C.recv_into, buffer, nbytes, flags)
-            return result
+            n = self._wait_and(_POLLIN, _C.recv_into, buffer, nbytes, flags)
+        if self._read_until is not None and not flags & _PEEK:
+            self._read_bytes += n  # (a peek's bytes are counted when read)
+        return n
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
         if self._held is not None:

@@ -20,8 +20,10 @@
 # the socket for the handler (servekit.features.tlssocket).
 #
 # While a handler runs, idle_timeout bounds every read (a client silent that long is
-# cut off and logged, not reported as a handler error), and request_deadline() tells
-# the handler when its request's time is up.
+# cut off and logged, not reported as a handler error), request_deadline() tells the
+# handler when its request's time is up, and past it a message handler's reads must keep
+# up min_request_rate (servekit.features.readrate): a trickled request body holds a
+# thread for about request_timeout, not for as long as the client likes.
 #
 # The cap: when max_connections are open the server stops accepting (pause_accepting)
 # and resumes when one closes, so it never accepts a connection only to drop it.
@@ -42,6 +44,7 @@ from servekit.features.base import ServerFeature
 from servekit.features.connection import Connection, current_connection
 from servekit.features.messages import request_wait_of
 from servekit.features.pipeline import PEEK_NOW, Stage, StageError, Step, peek_ready
+from servekit.features.readrate import ReadRate
 from servekit.knobs import (
     knob,
     optional_positive,
@@ -317,6 +320,16 @@ class LimitsMixIn(ServerFeature):
         parse=parse_optional_float,
         section="limits",
     )
+    min_request_rate: float | None = knob(
+        500.0,
+        "bytes per second a client must keep up, after request_timeout, while a message "
+        "handler reads its request: a read that would wait past request_deadline() plus "
+        "1 s per min_request_rate bytes read is cut off (None: idle_timeout alone bounds "
+        "reads)",
+        check=optional_positive,
+        parse=parse_optional_float,
+        section="limits",
+    )
     max_line_length: int = knob(
         65536,
         "longest line accepted with wait_for_request='line', newline included",
@@ -393,6 +406,11 @@ class LimitsMixIn(ServerFeature):
         else:
             deadline = time.monotonic() + limit
         connection.request_deadline = deadline
+        if connection.handler_factory is not None and isinstance(request, ReadRate):
+            # A message handler reads a request: at least min_request_rate bytes a
+            # second once its deadline passed (servekit.features.readrate). Not a
+            # handler that loops in handle(): its "request" is the whole session.
+            request.limit_reads(deadline, self.min_request_rate)
 
     def connection_closed(self, connection: Connection) -> None:
         self._forget(connection.sock)

@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from servekit.errors import ServekitError
+from servekit.errors import RequestTooSlow, ServekitError
 from servekit.features.addresses import format_peer
 from servekit.features.connection import (
     Connection,
@@ -932,6 +932,9 @@ def report_peer_exception(connection: Connection, exc: BaseException) -> bool:
     """
     if isinstance(exc, PEER_GONE):
         log.debug("%s: the client went away (%s)", format_peer(connection.client_address), exc)
+        return True
+    if isinstance(exc, RequestTooSlow):
+        log.info("%s: %s; closing", format_peer(connection.client_address), exc)
         return True
     if isinstance(exc, TimeoutError):
         try:

@@ -10,7 +10,9 @@
 # first (SSLSocket's recv() and recv_into() read through read()), then reads the
 # connection as usual, and pending() counts them. It also holds a response head for its
 # body, as ConnectionSocket does (servekit.features.heads): one TLS record and one
-# send() per http.server response instead of two.
+# send() per http.server response instead of two. Its reads' waits are bounded by the
+# request's minimum data rate (servekit.features.readrate), with the socket's timeout
+# lowered for a read that must not wait past it.
 #
 # TLSMixIn makes its contexts return this class (SSLContext.sslsocket_class, the
 # documented way): contexts it builds, and a context given as ssl_context whose
@@ -19,21 +21,28 @@
 from __future__ import annotations
 
 import ssl
+import time
 from typing import Any
 
 from servekit.features.heads import HeadHolding
+from servekit.features.readrate import ReadRate
 
 __all__ = ["TLSConnectionSocket", "adopt_context"]
 
+builtins_len = len  # read()'s first parameter is called len, as SSLSocket.read()'s is
 
-class TLSConnectionSocket(HeadHolding, ssl.SSLSocket):
-    """ssl.SSLSocket whose request can be decrypted ahead of the handler, and which
-    can hold a response head for its body."""
+
+class TLSConnectionSocket(HeadHolding, ReadRate, ssl.SSLSocket):
+    """ssl.SSLSocket whose request can be decrypted ahead of the handler, which can hold
+    a response head for its body, and whose reads can be held to a minimum rate."""
 
     #: Decrypted bytes read ahead and not yet taken by the handler.
     _ahead = b""
     _hold = False
     _held: bytes | None = None
+    _read_until: float | None = None
+    _read_rate = 0.0
+    _read_bytes = 0
 
     def read_ahead(self, limit: int) -> tuple[bytes, bool]:
         """Decrypt what has arrived, up to limit bytes in all, without waiting; keep it
@@ -66,9 +75,33 @@ class TLSConnectionSocket(HeadHolding, ssl.SSLSocket):
         # recv() and recv_into() (and so the handler's rfile) read through this.
         if self._held is not None:
             self.release_head()  # a "100 Continue" must reach the client first
-        if not self._ahead:
+        if self._ahead:
+            result = self._give(len, buffer)
+        elif self._read_until is None:
             return super().read(len, buffer)
-        return self._give(len, buffer)
+        else:
+            result = self._read_limited(len, buffer)
+        if self._read_until is not None:
+            self._read_bytes += result if type(result) is int else builtins_len(result)
+        return result
+
+    def _read_limited(self, size: int, buffer: Any) -> Any:
+        """read(), waiting no longer than the request's read limit allows."""
+        limit = self.read_limit()
+        assert limit is not None
+        timeout = self.gettimeout()
+        left = limit - time.monotonic()
+        if timeout == 0.0 or (timeout is not None and timeout <= left):
+            return super().read(size, buffer)  # the socket's own timeout comes first
+        # SSLSocket.read() tries first and waits only for want of bytes, so a limit
+        # already passed still reads what has arrived (1 ms is the least it polls).
+        self.settimeout(max(left, 0.001))
+        try:
+            return super().read(size, buffer)
+        except TimeoutError:
+            raise self.too_slow() from None
+        finally:
+            self.settimeout(timeout)
 
     def _give(self, size: int, buffer: Any) -> Any:
         ahead = self._ahead
