@@ -284,3 +284,21 @@ def test_a_handler_can_opt_out_of_held_heads() -> None:
                 _Stream.go.set()
             assert head.startswith(b"HTTP/1.1 200 OK\r\n")
             assert read_until(client, b"data: 1\n\n") == b"data: 1\n\n"
+
+
+def test_a_pool_server_without_listeners_gives_handlers_a_connection_socket() -> None:
+    """ThreadPoolTCPServer accepts as ConnectionSocket itself (ListenersMixIn is not
+    needed), and a datagram pool server is left as it was."""
+    from servekit.features.pool import ThreadPoolTCPServer
+
+    seen: list[type] = []
+
+    class Kind(StreamRequestHandler):
+        def handle(self) -> None:
+            seen.append(type(self.request))
+            self.wfile.write(self.rfile.readline())
+
+    with ThreadPoolTCPServer(("127.0.0.1", 0), Kind, max_threads=2) as server, serving(server):
+        with socket.create_connection(server.server_address, timeout=10) as sock:
+            assert exchange_line(sock, b"kind\n") == b"kind\n"
+    assert seen == [ConnectionSocket]

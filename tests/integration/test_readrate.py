@@ -49,6 +49,10 @@ class TLSServer(LimitsMixIn, TLSMixIn, ThreadPoolMixIn, servekit.TCPServer):
     pass
 
 
+class PlainServer(LimitsMixIn, ThreadPoolMixIn, servekit.TCPServer):
+    """Without ListenersMixIn: ThreadPoolMixIn accepts ConnectionSockets itself."""
+
+
 @pytest.fixture
 def pair() -> Iterator[tuple[ConnectionSocket, socket.socket]]:
     a, b = socket.socketpair()
@@ -138,11 +142,14 @@ def _trickled_body_is_cut(server: Any, connect_to: Any) -> None:
     assert any("request too slow" in error for error in Recorded.errors)
 
 
-def test_a_trickled_body_is_cut_off() -> None:
-    """http.server handler, plain TCP: a body at 10 B/s against min_request_rate=100."""
+@pytest.mark.parametrize("server_class", [Server, PlainServer])
+def test_a_trickled_body_is_cut_off(server_class: type[Any]) -> None:
+    """http.server handler, plain TCP: a body at 10 B/s against min_request_rate=100;
+    with ListenersMixIn and without it."""
+    address: Any = f"{LOCALHOST}:0" if server_class is Server else (LOCALHOST, 0)
     with (
-        Server(
-            f"{LOCALHOST}:0",
+        server_class(
+            address,
             Recorded,
             max_threads=1,
             request_timeout=0.5,

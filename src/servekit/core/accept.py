@@ -1,5 +1,6 @@
-# What to do when accept() (or recvfrom() on a datagram server) fails. Owns the errno
-# sets and the back-off policy for resource exhaustion.
+# Accepting: what to do when accept() (or recvfrom() on a datagram server) fails (the
+# errno sets and the back-off policy for resource exhaustion), and accept_as(), an
+# accept() that returns a socket.socket subclass of the caller's choosing.
 #
 # The stdlib swallows every OSError from get_request() and goes straight back to
 # select(); when the process is out of descriptors the listening socket stays readable,
@@ -14,9 +15,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 import time
+from typing import Any
 
-__all__ = ["RESOURCE_ERRNOS", "AcceptBackoff"]
+from servekit.core.kinds import family_of, type_of
+
+__all__ = ["RESOURCE_ERRNOS", "AcceptBackoff", "accept_as"]
 
 log = logging.getLogger("servekit.accept")
 
@@ -94,3 +99,18 @@ class AcceptBackoff:
             self.resume_at = None
             return False
         return True
+
+
+def accept_as(listener: socket.socket, kind: type[socket.socket]) -> tuple[socket.socket, Any]:
+    """listener.accept(), returning a kind (a socket.socket subclass), without the two
+    enum conversions (family, type) socket.accept() makes per call.
+
+    The accepted socket is blocking, as socket.accept() leaves it when no default
+    timeout is set; with one, accept() itself is used (and kind is not).
+    """
+    if socket.getdefaulttimeout() is not None:
+        return listener.accept()
+    # _accept() is the C method socket.accept() itself wraps (socket.py): the documented
+    # accept() builds the same socket, reading family and type through the properties.
+    fd, address = listener._accept()  # type: ignore[attr-defined]
+    return kind(family_of(listener), type_of(listener), listener.proto, fd), address

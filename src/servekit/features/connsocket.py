@@ -17,8 +17,9 @@
 #   * with timeout 0.0 the socket is plainly non-blocking (BlockingIOError), as before.
 #
 # Only the waiting strategy differs from socket.socket's; what a handler sees (values,
-# exceptions, timeouts) does not. ListenersMixIn creates it for the servers whose
-# concurrency mix-in asks for it (ThreadPoolMixIn.accepted_socket_class).
+# exceptions, timeouts) does not. Pool servers accept their stream connections as it
+# (ThreadPoolMixIn.accepted_socket_class: ListenersMixIn honours it, and
+# ThreadPoolMixIn.get_request() does without ListenersMixIn).
 #
 # It also holds a response head for its body (servekit.features.heads.HeadHolding), and
 # bounds the waits of a request's reads by a minimum data rate

@@ -27,7 +27,8 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from servekit.core.kinds import STREAM, family_of, is_tcp, type_of
+from servekit.core.accept import accept_as
+from servekit.core.kinds import STREAM, is_tcp, type_of
 from servekit.errors import ListenerError
 from servekit.features.activation import InheritedSocket, is_socket_activated, listen_fds
 from servekit.features.addresses import Address, AddressError, parse_addresses
@@ -617,21 +618,6 @@ def _set_tcp_options(sock: socket.socket, options: ListenerOptions, label: str) 
             ) from None
 
 
-def _accept(listener: socket.socket, kind: type[socket.socket]) -> tuple[socket.socket, Any]:
-    """listener.accept(), returning a kind (a socket.socket subclass), without the two
-    enum conversions (family, type) socket.accept() makes per call.
-
-    The accepted socket is blocking, as socket.accept() leaves it when no default
-    timeout is set; with one, accept() itself is used.
-    """
-    if socket.getdefaulttimeout() is not None:
-        return listener.accept()
-    # _accept() is the C method socket.accept() itself wraps (socket.py): the documented
-    # accept() builds the same socket, reading family and type through the properties.
-    fd, address = listener._accept()  # type: ignore[attr-defined]
-    return kind(family_of(listener), type_of(listener), listener.proto, fd), address
-
-
 def _activate(listener: Listener, options: ListenerOptions, backlog: int) -> None:
     sock = listener.socket
     label = _label(listener.address)
@@ -909,7 +895,7 @@ class ListenersMixIn(ListenerOptions, ServerFeature):
         if not isinstance(listener, socket.socket):
             listener = self.socket
         if type_of(listener) == STREAM:
-            connection, client_address = _accept(listener, self.accepted_socket_class)
+            connection, client_address = accept_as(listener, self.accepted_socket_class)
             if not KERNEL_COPIES_TCP_OPTIONS and is_tcp(connection):
                 try:
                     _set_tcp_options(connection, self, "accepted connection")

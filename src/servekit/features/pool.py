@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from servekit.core import ServerState, TCPServer, ThreadingMixIn, UDPServer
+from servekit.core.accept import accept_as
 from servekit.features import forks
 from servekit.features.base import ServerFeature
 from servekit.features.connsocket import ConnectionSocket
@@ -502,7 +503,7 @@ class ThreadPoolMixIn(ServerFeature):
     # once (from a non-blocking listener, see server_activate) saves a select() each.
     accept_batch: int = 16
     # Handlers get a socket whose timeout costs no system call when the bytes are there
-    # (servekit.features.connsocket; ListenersMixIn honours it).
+    # (servekit.features.connsocket; ListenersMixIn and get_request() honour it).
     accepted_socket_class = ConnectionSocket
 
     _POOL_FULL = "thread pool full"
@@ -577,6 +578,15 @@ class ThreadPoolMixIn(ServerFeature):
             pool.follow(pipeline)
             runtime.pipeline = pipeline
         return runtime.pipeline
+
+    def get_request(self) -> tuple[Any, Any]:
+        """Accept a stream connection as accepted_socket_class (ConnectionSocket), as
+        ListenersMixIn does, so that a pool server without it (ThreadPoolTCPServer)
+        gives its handlers the same socket: no poll() before each read and write, held
+        response heads, the request wait before every HTTP request, min_request_rate."""
+        if self.socket_type != socket.SOCK_STREAM or type(self.socket) is not socket.socket:
+            return super().get_request()  # a datagram server, or a listener of its own
+        return accept_as(self.socket, self.accepted_socket_class)
 
     def server_activate(self) -> None:
         super().server_activate()
