@@ -40,6 +40,15 @@ pytestmark = pytest.mark.timeout(60)
 
 TIMEOUT = 10.0
 
+# One thread, so a held one shows; a body at 10 B/s is cut about 0.5 s after its request
+# started, well before idle_timeout.
+SLOW_BODY_LIMITS: dict[str, Any] = {
+    "max_threads": 1,
+    "request_timeout": 0.5,
+    "idle_timeout": 30,
+    "min_request_rate": 100,
+}
+
 
 class Server(ListenersMixIn, LimitsMixIn, ThreadPoolMixIn, servekit.TCPServer):
     pass
@@ -151,10 +160,7 @@ def test_a_trickled_body_is_cut_off(server_class: type[Any]) -> None:
         server_class(
             address,
             Recorded,
-            max_threads=1,
-            request_timeout=0.5,
-            idle_timeout=30,
-            min_request_rate=100,
+            **SLOW_BODY_LIMITS,
         ) as server,
         serving(server),
     ):
@@ -175,10 +181,7 @@ def test_a_trickled_body_is_cut_off_over_tls(tls_certs: CertSet) -> None:
             Recorded,
             certfile=str(tls_certs.server.cert),
             keyfile=str(tls_certs.server.key),
-            max_threads=1,
-            request_timeout=0.5,
-            idle_timeout=30,
-            min_request_rate=100,
+            **SLOW_BODY_LIMITS,
         ) as server,
         serving(server),
     ):
@@ -246,10 +249,7 @@ def test_a_wsgi_body_trickled_in_gets_408(caplog: pytest.LogCaptureFixture) -> N
         Server(
             f"{LOCALHOST}:0",
             handler_for(app),
-            max_threads=1,
-            request_timeout=0.5,
-            idle_timeout=30,
-            min_request_rate=100,
+            **SLOW_BODY_LIMITS,
         ) as server,
         serving(server),
         connect(server.server_address, TIMEOUT) as sock,
