@@ -164,8 +164,9 @@ class WaitForRequest(Stage):
         # Formatted once: every connection enters this stage.
         self._reason = f"no request within request_timeout={request_timeout}s"
         self.limit = limit
-        # One peek buffer per thread: the loop's is reused for every message; stages run
-        # blocking on pool threads (servers without a pipeline) get their own.
+        # One peek buffer per thread: the loop's is reused for every message, and pool
+        # threads get their own (they run the wait before a parked connection's next
+        # request, and stages run blocking on servers without a pipeline).
         self._buffers = threading.local()
 
     @property

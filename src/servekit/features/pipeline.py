@@ -518,7 +518,7 @@ class ConnectionPipeline:
 
         A readable event without a hang-up means bytes of the next message: dispatched
         without a system call. Only a hang-up needs a peek, to tell a last message from
-        a plain close (which the loop then handles without a thread). A whole line is
+        a plain close (usually closed in take_ready() already). A whole line is
         awaited for the first request only (WaitForRequest): a client that completed a
         request is no longer an anonymous connection, and peeking every message of a
         busy connection would cost a system call each; its handler reads the rest of a
@@ -676,7 +676,7 @@ class ConnectionPipeline:
             # The preamble left the socket non-blocking; the handler gets the timeout it
             # had at accept. From then on the socket keeps the handler's own timeout,
             # parked too (once per connection, not per message: on a plain socket
-            # settimeout() is a system call), so nothing in the loop may read it
+            # settimeout() is a system call), so nothing may read it while parked
             # expecting not to wait (peek_ready() polls first).
             request.settimeout(connection.timeout)
         # A response head waits for its body (servekit.features.heads), on the sockets
