@@ -91,7 +91,7 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
             raise BlockingIOError(11, "Resource temporarily unavailable")
         deadline = None if timeout is None else _monotonic() + timeout
         limited = False
-        if event == _POLLIN and self._read_until is not None:
+        if event == _POLLIN:
             limit = self.read_limit()
             if limit is not None and (deadline is None or limit < deadline):
                 deadline, limited = limit, True  # the request's deadline comes first

@@ -793,12 +793,11 @@ class ConnectionPipeline:
     def _remove(self, connection: Connection) -> bool:
         if not self._claim(connection):
             return False
-        try:
-            self.epoll.unregister(connection.fd)
-            if connection.parking_armed:
-                self.parking.unregister(connection.fd)
-        except (OSError, ValueError):
-            pass
+        for epoll in (self.epoll, self.parking) if connection.parking_armed else (self.epoll,):
+            try:
+                epoll.unregister(connection.fd)
+            except (OSError, ValueError):
+                pass  # closed under us
         return True
 
     def _close_socket(self, connection: Connection, *, on_loop: bool = True) -> None:

@@ -207,12 +207,16 @@ class WorkerPool:
         with self._lock:
             if self._closing:
                 raise RuntimeError("the pool is shut down")
-            self._busy += 1
-            if self._busy == self.max_threads and self._on_saturated is not None:
-                self._on_saturated()
+            self._begin_locked()
             self._queue.append((fn, args))
             if self._searching == 0:
                 self._wake_one_locked()
+
+    def _begin_locked(self) -> None:
+        """Count one more task busy; report reaching max_threads."""
+        self._busy += 1
+        if self._busy == self.max_threads and self._on_saturated is not None:
+            self._on_saturated()
 
     def _wake_one_locked(self) -> None:
         if self._idle:
@@ -255,16 +259,12 @@ class WorkerPool:
 
     def _run(self, worker: _Worker, searching: bool) -> None:
         me = threading.get_ident()
-        task: Task | None = None
-        look = searching  # woken to look at the queue (counted in _searching)
-        if not searching:
-            got = self._idle_wait(worker)
-            if got is None:
-                return
-            look = got is _LOOK
-            task = None if look else got
-        while True:  # one turn per idle period; exits when _idle_wait() says so
-            if look:
+        # _LOOK: go to the queue (a searching worker is counted in _searching); a task
+        # from the source; None: exit.
+        got = _LOOK if searching else self._idle_wait(worker)
+        while got is not None:  # one turn per idle period
+            task: Task | None = got
+            if got is _LOOK:
                 with self._lock:
                     self._searching -= 1
                     task = self._take_locked()
@@ -296,10 +296,6 @@ class WorkerPool:
                     if task is None:
                         task = self._finished()
             got = self._idle_wait(worker)
-            if got is None:
-                return
-            look = got is _LOOK
-            task = None if look else got
 
     def _take_locked(self) -> Task | None:
         if not self._queue:
@@ -333,11 +329,12 @@ class WorkerPool:
             if self._closing:
                 self._workers.discard(worker)
                 return None
-            if self._source is not None and self._leader is None:
+            lead = self._source is not None and self._leader is None
+            if lead:
                 self._leader = worker
             else:
                 self._idle.append(worker)
-        if self._leader is worker:
+        if lead:
             return self._lead(worker)
         while True:
             timeout = self.idle_timeout
@@ -364,9 +361,7 @@ class WorkerPool:
                 self._leader = None
                 self._leader_woken = False
                 if task is not None:
-                    self._busy += 1
-                    if self._busy == self.max_threads and self._on_saturated is not None:
-                        self._on_saturated()
+                    self._begin_locked()
                     if woken:
                         self._searching -= 1
                     # Somebody must watch the source while this thread runs the task.

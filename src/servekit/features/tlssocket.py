@@ -29,7 +29,7 @@ from servekit.features.readrate import ReadRate
 
 __all__ = ["TLSConnectionSocket", "adopt_context"]
 
-builtins_len = len  # read()'s first parameter is called len, as SSLSocket.read()'s is
+_len = len  # read()'s first parameter is called len, as SSLSocket.read()'s is
 
 
 class TLSConnectionSocket(HeadHolding, ReadRate, ssl.SSLSocket):
@@ -82,7 +82,7 @@ class TLSConnectionSocket(HeadHolding, ReadRate, ssl.SSLSocket):
         else:
             result = self._read_limited(len, buffer)
         if self._read_until is not None:
-            self._read_bytes += result if type(result) is int else builtins_len(result)
+            self._read_bytes += result if type(result) is int else _len(result)
         return result
 
     def _read_limited(self, size: int, buffer: Any) -> Any:
