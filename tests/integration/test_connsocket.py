@@ -302,3 +302,129 @@ def test_a_pool_server_without_listeners_gives_handlers_a_connection_socket() ->
         with socket.create_connection(server.server_address, timeout=10) as sock:
             assert exchange_line(sock, b"kind\n") == b"kind\n"
     assert seen == [ConnectionSocket]
+
+
+# -- rfile and wfile: ConnectionIO and ConnectionWriter --------------------------------
+
+
+def test_rfile_is_a_buffered_reader_over_connection_io_and_other_modes_are_the_stdlibs(
+    pair,
+) -> None:
+    from servekit.features.connsocket import ConnectionIO
+
+    ours, peer = pair
+    ours.settimeout(5)
+    rfile = ours.makefile("rb")
+    assert type(rfile.raw) is ConnectionIO
+    text = ours.makefile("r", encoding="ascii")
+    raw = ours.makefile("rb", 0)
+    assert type(raw) is socket.SocketIO
+    peer.sendall(b"one\ntwo\n")
+    assert rfile.readline() == b"one\n"
+    assert rfile.readline() == b"two\n"  # from rfile's buffer
+    peer.sendall(b"three\n")  # rfile holds nothing more: the text file reads it
+    assert text.readline() == "three\n"
+    # As with socket.makefile(): close() leaves the descriptor to the open files.
+    ours.close()
+    peer.sendall(b"still\n")
+    assert rfile.readline() == b"still\n"
+    for file in (rfile, text, raw):
+        file.close()
+    assert ours.fileno() == -1
+
+
+def test_rfile_reads_send_a_held_head_first(pair) -> None:
+    """The read that waits for a request body must release '100 Continue' first, through
+    rfile as through recv() (ConnectionIO's direct read is not taken while a head is
+    held)."""
+    ours, peer = pair
+    ours.settimeout(5)
+    rfile = ours.makefile("rb")
+    ours.hold_head()
+    ours.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def client() -> None:
+        if _read_exactly(peer, 25) == b"HTTP/1.1 100 Continue\r\n\r\n":
+            peer.sendall(b"the body\n")
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        assert rfile.readline() == b"the body\n"
+    finally:
+        thread.join(5)
+        rfile.close()
+
+
+def test_rfile_reads_count_towards_the_read_rate(pair) -> None:
+    """Bytes read through rfile buy time like bytes read by recv(): 20 bytes at 10 B/s
+    are 2 s more, so the wait for a line that never ends is cut after about 2.2 s."""
+    from servekit.errors import RequestTooSlow
+
+    ours, peer = pair
+    ours.settimeout(10)
+    rfile = ours.makefile("rb")
+    started = time.monotonic()
+    ours.limit_reads(started + 0.2, 10.0)
+    peer.sendall(b"0123456789012345678\n")
+    assert rfile.readline() == b"0123456789012345678\n"
+    with pytest.raises(RequestTooSlow, match="20 bytes read"):
+        rfile.readline()
+    assert 2.0 <= time.monotonic() - started < 8
+    rfile.close()
+
+
+def test_rfile_refuses_to_read_after_a_timeout(pair) -> None:
+    """SocketIO's rule: after a timeout the stream is in an unknown state."""
+    ours, peer = pair
+    ours.settimeout(0.1)
+    rfile = ours.makefile("rb", buffering=1)
+    with pytest.raises(TimeoutError):
+        rfile.read(1)
+    peer.sendall(b"late\n")
+    with pytest.raises(OSError, match="timed out object"):
+        rfile.read(1)
+    rfile.close()
+
+
+BIG = bytes(range(256)) * 131072  # 32 MiB: more than one send() takes on loopback
+
+
+class _Writes(StreamRequestHandler):
+    """Writes what the client asks for: 'big' (BIG), 'buffers' (a bytearray and a
+    memoryview), and records the class of its wfile."""
+
+    kinds: list[type] = []
+
+    def handle(self) -> None:
+        self.kinds.append(type(self.wfile))
+        self.request.settimeout(10)
+        for line in self.rfile:
+            if line == b"big\n":
+                self.wfile.write(BIG)
+            elif line == b"buffers\n":
+                self.wfile.write(bytearray(b"bytearray "))
+                self.wfile.write(memoryview(b"and memoryview\n"))
+
+
+def test_wfile_sends_whole_writes_through_a_full_send_buffer() -> None:
+    """A pool server's handler gets ConnectionWriter as its unbuffered wfile: a write
+    larger than the socket buffers arrives whole (what one send() did not take goes
+    through sendall(), which waits), and other buffers are written too."""
+    from servekit.features.connsocket import ConnectionWriter
+
+    _Writes.kinds = []
+    with serving(_PoolServer("127.0.0.1:0", _Writes, max_threads=2)) as server:
+        with socket.create_connection(server.server_address, timeout=10) as sock:
+            sock.sendall(b"big\n")
+            received = bytearray()
+            for _ in range(len(BIG)):  # bounded: each pass reads at least a byte
+                if len(received) >= len(BIG):
+                    break
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    break
+                received.extend(chunk)
+            assert received == BIG
+            assert exchange_line(sock, b"buffers\n") == b"bytearray and memoryview\n"
+    assert _Writes.kinds == [ConnectionWriter]

@@ -94,7 +94,11 @@ class StreamRequestHandler(BaseRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         self.rfile = cast(io.BufferedIOBase, self.connection.makefile("rb", self.rbufsize))
         if self.wbufsize == 0:
-            self.wfile = _SocketWriter(self.connection)
+            # A socket class may bring its own unbuffered writer, with the same contract
+            # (servekit's ConnectionSocket does, to save a call per write); any other
+            # socket gets _SocketWriter.
+            writer = getattr(self.connection, "unbuffered_writer", None)
+            self.wfile = _SocketWriter(self.connection) if writer is None else writer()
         else:
             self.wfile = cast(io.BufferedIOBase, self.connection.makefile("wb", self.wbufsize))
 

@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import _socket
+import io
 import math
 import select
 import socket
@@ -34,10 +35,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from servekit.core.handlers import _SocketWriter
 from servekit.features.heads import HeadHolding
 from servekit.features.readrate import ReadRate
 
-__all__ = ["ConnectionSocket"]
+__all__ = ["ConnectionIO", "ConnectionSocket", "ConnectionWriter"]
 
 _C = _socket.socket  # the C methods, which never poll on a timeout of 0.0
 _POLLIN = select.POLLIN
@@ -50,6 +52,7 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
     """socket.socket with a timeout that costs a system call only when it must wait."""
 
     __slots__ = ("_held", "_hold", "_read_bytes", "_read_rate", "_read_until", "_wait_timeout")
+    _io_refs: int  # socket.socket's count of open makefile() files, undeclared in the stubs
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -114,6 +117,17 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
 
     # -- reading -------------------------------------------------------------------------
 
+    def makefile(self, mode: str = "r", buffering: int | None = None, **options: Any) -> Any:
+        if mode != "rb" or buffering == 0 or options:
+            return super().makefile(mode, buffering, **options)  # type: ignore[call-overload]
+        # A buffered binary reader (StreamRequestHandler's rfile), over ConnectionIO.
+        # Counted in _io_refs as socket.makefile() counts its files: close() leaves the
+        # descriptor open until they are closed too.
+        raw = ConnectionIO(self, "rb")
+        self._io_refs += 1
+        size = io.DEFAULT_BUFFER_SIZE if buffering is None or buffering < 0 else buffering
+        return io.BufferedReader(raw, size)
+
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if self._held is not None:
             self.release_head()
@@ -173,6 +187,10 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
             return self._wait_and(_POLLIN, _C.recvmsg_into, *args)
 
     # -- writing -------------------------------------------------------------------------
+
+    def unbuffered_writer(self) -> ConnectionWriter:
+        """The wfile of an unbuffered StreamRequestHandler (wbufsize 0) on this socket."""
+        return ConnectionWriter(self)
 
     def send(self, data: Any, flags: int = 0) -> int:
         if self._hold or self._held is not None:
@@ -234,3 +252,60 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
                 poller.register(self, _POLLOUT)
                 if not poller.poll(None if left is None else max(1, math.ceil(left * 1000))):
                     raise TimeoutError("timed out")
+
+
+class ConnectionIO(socket.SocketIO):
+    """The raw stream under a handler's rfile on a ConnectionSocket.
+
+    SocketIO.readinto() checks the stream's state in Python and then calls the socket's
+    recv_into(), which is Python here too: three frames for every read, the largest
+    part of a small message's cost. The bytes are usually there (the pipeline hands a
+    connection over when they arrive), so this tries the C recv_into() at once and
+    takes the general path only when it would block (it waits, and sends a held head
+    first: a '100 Continue' must reach the client before the server waits for the
+    body; a head held while the bytes are already there leaves with the next write) or
+    after a timeout (SocketIO then refuses to read). The bytes a read returns are
+    counted as ConnectionSocket.recv_into() counts them (ReadRate).
+    """
+
+    # SocketIO's own, undeclared in the type stubs.
+    _sock: ConnectionSocket | None
+    _timeout_occurred: bool
+
+    def readinto(self, b: Any) -> int | None:
+        sock = self._sock
+        if sock is not None and not self._timeout_occurred:
+            try:
+                n: int = _C.recv_into(sock, b)
+            except BlockingIOError:
+                pass  # nothing there yet: wait, below
+            else:
+                if sock._read_until is not None:
+                    sock._read_bytes += n
+                return n
+        return super().readinto(b)
+
+
+class ConnectionWriter(_SocketWriter):
+    """The unbuffered wfile of a handler on a ConnectionSocket: every write() is sent
+    whole or raises, as with _SocketWriter.
+
+    _SocketWriter.write() calls the socket's sendall(), which is Python here: this
+    sends bytes with the C send() at once, and takes sendall() only for what one send()
+    did not take, for a head to hold or while one is held, and for other buffers.
+    """
+
+    _sock: ConnectionSocket
+
+    def write(self, b: Any) -> int:
+        sock = self._sock
+        if type(b) is bytes and not sock._hold and sock._held is None:
+            try:
+                sent: int = _C.send(sock, b)
+            except BlockingIOError:
+                sent = 0  # the send buffer is full: sendall() waits, or raises at 0.0
+            if sent != len(b):
+                with memoryview(b) as view:
+                    sock.sendall(view[sent:])
+            return len(b)
+        return super().write(b)

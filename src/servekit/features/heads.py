@@ -6,7 +6,8 @@
 # hold_head() holds the next write if it is a head alone (ends with an empty line) and
 # sends it together with whatever comes next: the body's first write, in one send().
 # Anything else the handler does with the socket first -- a read (a "100 Continue" waits
-# for the body), another kind of send, shutdown(), close() -- sends the head at once,
+# for the body; through rfile, only a read that must wait: ConnectionIO), another kind
+# of send, shutdown(), close() -- sends the head at once,
 # and the connection pipeline sends it at the end of the message whatever happens
 # (release_head()), so a head is never held while the handler waits for its client.
 # Only a head followed by a wait on something else (a server-sent event stream's first

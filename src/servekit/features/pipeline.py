@@ -45,6 +45,7 @@
 #     runs whole on its thread, as with the stdlib.
 from __future__ import annotations
 
+import collections
 import enum
 import functools
 import logging
@@ -67,6 +68,7 @@ from servekit.features.connection import (
 )
 from servekit.features.connsocket import ConnectionSocket
 from servekit.features.heads import HeadHolding
+from servekit.features.httpdates import date_methods
 from servekit.features.messages import holds_response_head, message_loop_of
 
 __all__ = [
@@ -273,6 +275,8 @@ def _parkable_class(cls: type, initial: bool) -> type:
         cls.finish(self)  # type: ignore[attr-defined]
 
     namespace = {
+        # http.server's handlers format the current time once a second, not per request.
+        **date_methods(cls),
         "handle": handle,
         "finish": finish,
         "__module__": cls.__module__,
@@ -452,6 +456,11 @@ class ConnectionPipeline:
                 connection.state = _HANDLING
                 self._close(connection, "", finish_on_loop=True)
                 continue
+            if not mask & _HANGUP and connection.tls is None and self._rewait is None:
+                # The busy path, kept short: bytes of the next message (see
+                # _message_ready()), handled at once.
+                connection.state = _HANDLING
+                return (self._handle, (connection,))
             return (self.serve_parked, (connection, mask))
 
     def wake(self) -> None:
@@ -462,15 +471,9 @@ class ConnectionPipeline:
 
     def serve_parked(self, connection: Connection, events: int) -> None:
         """A pool thread's turn with a parked connection that became readable."""
-        _local.connection = connection  # _set_current(), inlined: this runs per message
+        _local.connection = connection  # _set_current(), inlined
         try:
-            if not events & _HANGUP and connection.tls is None and self._rewait is None:
-                # The busy path, kept short: bytes of the next message (see
-                # _message_ready()).
-                connection.state = _HANDLING
-                self._handle(connection)
-            else:
-                self._unpark(connection, events)
+            self._unpark(connection, events)
         finally:
             _local.connection = None
 
@@ -662,64 +665,70 @@ class ConnectionPipeline:
             _set_current(None)
 
     def _handle(self, connection: Connection) -> None:
-        server = self.server
-        request = connection.request
-        if connection.handler is None:
-            factory = self._parkable_factory()
-            connection.handler_factory = factory
-            if factory is None:
-                # A handler that loops in handle() itself: it keeps this thread for the
-                # connection's whole life, exactly as with the stdlib.
-                self._run_whole(connection)
-                return
-        if connection.messages == 0 and request.gettimeout() != connection.timeout:
-            # The preamble left the socket non-blocking; the handler gets the timeout it
-            # had at accept. From then on the socket keeps the handler's own timeout,
-            # parked too (once per connection, not per message: on a plain socket
-            # settimeout() is a system call), so nothing may read it while parked
-            # expecting not to wait (peek_ready() polls first).
-            request.settimeout(connection.timeout)
-        # A response head waits for its body (servekit.features.heads), on the sockets
-        # that can hold one (ConnectionSocket, TLSConnectionSocket).
-        hold = self._hold_heads and isinstance(request, HeadHolding)
-        while True:
-            connection.messages += 1
-            server.message_started(connection)
-            error = self._one_message(connection, hold)
-            handler = connection.handler
-            if error or handler is None or handler.close_connection:
-                self._close(connection, "")
-                return
-            if connection.closing or self.closing:
-                self._close(connection, "")
-                return
-            if not message_buffered(connection):
-                break
-        self._park(connection)
+        """Run the connection's messages on this thread, then park or close it.
 
-    def _one_message(self, connection: Connection, hold: bool = False) -> bool:
-        """Run one message; True if the connection must close because of an error."""
+        A pool task by itself for a parked connection whose next bytes arrived (the busy
+        path: take_ready() hands it over as is), so it names the thread's connection
+        itself; this runs once per message, and a call saved here is saved on each.
+        """
+        _local.connection = connection  # _set_current(), inlined
         try:
-            if hold:
-                connection.request.hold_head()
             if connection.handler is None:
-                self.server.finish_request(connection.request, connection.client_address)
-                if connection.handler is None:
-                    return True  # the constructor did not reach handle()
-            else:
-                connection.handler.handle_one_request()
-            if hold:
-                connection.request.release_head()  # a head with no body after it
-        except Exception as exc:
-            self._report(connection, exc)
-            return True
-        except BaseException:
-            # SystemExit, KeyboardInterrupt: close the connection, then let it propagate
-            # as ThreadingMixIn does (the pool worker survives and logs it).
-            connection.outcome = "error"
-            self._close(connection, "")
-            raise
-        return False
+                factory = self._parkable_factory()
+                connection.handler_factory = factory
+                if factory is None:
+                    # A handler that loops in handle() itself: it keeps this thread for
+                    # the connection's whole life, exactly as with the stdlib.
+                    self._run_whole(connection)
+                    return
+            server = self.server
+            request = connection.request
+            if connection.messages == 0 and request.gettimeout() != connection.timeout:
+                # The preamble left the socket non-blocking; the handler gets the timeout
+                # it had at accept. From then on the socket keeps the handler's own
+                # timeout, parked too (once per connection, not per message: on a plain
+                # socket settimeout() is a system call), so nothing may read it while
+                # parked expecting not to wait (peek_ready() polls first).
+                request.settimeout(connection.timeout)
+            # A response head waits for its body (servekit.features.heads), on the
+            # sockets that can hold one (ConnectionSocket, TLSConnectionSocket).
+            hold = self._hold_heads and isinstance(request, HeadHolding)
+            while True:
+                connection.messages += 1
+                server.message_started(connection)
+                # One message. Its errors close the connection; on SystemExit and
+                # KeyboardInterrupt too, which then propagate as with ThreadingMixIn (the
+                # pool worker survives and logs them).
+                try:
+                    if hold:
+                        request.hold_head()
+                    handler = connection.handler
+                    if handler is None:
+                        server.finish_request(request, connection.client_address)
+                        handler = connection.handler
+                        if handler is None:  # the constructor did not reach handle()
+                            self._close(connection, "")
+                            return
+                    else:
+                        handler.handle_one_request()
+                    if hold:
+                        request.release_head()  # a head with no body after it
+                except Exception as exc:
+                    self._report(connection, exc)
+                    self._close(connection, "")
+                    return
+                except BaseException:
+                    connection.outcome = "error"
+                    self._close(connection, "")
+                    raise
+                if handler.close_connection or connection.closing or self.closing:
+                    self._close(connection, "")
+                    return
+                if not message_buffered(connection):
+                    break
+            self._park(connection)
+        finally:
+            _local.connection = None
 
     def _run_whole(self, connection: Connection) -> None:
         connection.request.settimeout(connection.timeout)
@@ -986,8 +995,11 @@ def peek_ready(connection: Connection, *, readable: bool = False) -> str:
     return "ready" if peeked else ""
 
 
-def _no_bytes_yet(buffer: Any) -> int:
-    return 0
+# A raw readinto() that finds no bytes: None, "would block", so that peek() returns what
+# the buffer holds and reads nothing. A C callable that returns None for any argument
+# (an append to a deque that keeps nothing), not a Python function: a frame less per
+# message.
+_no_bytes_yet: Callable[[Any], None] = collections.deque(maxlen=0).append
 
 
 def message_buffered(connection: Connection) -> bool:
