@@ -163,6 +163,46 @@ def test_parked_connection_is_closed_at_idle_timeout(counting: type[Counting]) -
     assert wait_until(lambda: counting.finishes == 1)
 
 
+def test_a_message_that_arrived_is_not_closed_as_idle_while_threads_are_busy() -> None:
+    """A parked connection whose next line has arrived waits for a thread, however long
+    every thread stays busy: past its idle deadline it is served, not closed as idle."""
+    release = threading.Event()
+    blocking = threading.Event()
+
+    class Blocks(MessageHandler):
+        def handle_one_request(self) -> None:
+            line = self.rfile.readline()
+            if line == b"block\n":
+                blocking.set()
+                release.wait(TIMEOUT)
+            self.wfile.write(line)
+            self.close_connection = not line
+
+    with LimitsPool((LOCALHOST, 0), Blocks, idle_timeout=0.3, max_threads=1) as server:
+        with serving(server), connect(server.server_address, TIMEOUT) as waiting:
+            assert exchange_line(waiting, b"first\n") == b"first\n"
+            parked_at = time.monotonic()
+            pipeline = server.pipeline
+            assert pipeline is not None
+            sweeps: list[float] = []
+            sweep = pipeline.sweep
+
+            def counted() -> None:
+                sweep()
+                sweeps.append(time.monotonic())
+
+            pipeline.sweep = counted  # type: ignore[method-assign]
+            with connect(server.server_address, TIMEOUT) as busy:
+                busy.sendall(b"block\n")
+                assert blocking.wait(TIMEOUT)  # the only thread is busy
+                waiting.sendall(b"second\n")
+                # Two sweeps past the idle deadline: the connection would be closed.
+                assert wait_until(lambda: sum(t > parked_at + 0.3 for t in sweeps) >= 2, TIMEOUT)
+                release.set()
+                assert waiting.recv(100) == b"second\n"
+                assert busy.recv(100) == b"block\n"
+
+
 def test_an_error_in_a_later_message_is_reported_and_closes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

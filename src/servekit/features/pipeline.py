@@ -544,10 +544,15 @@ class ConnectionPipeline:
                     connection.outcome = "stage-timeout"
                     stage.fail(connection, stage.expired(connection))
                     self._close_socket(connection)
-            elif (
-                connection.state is ConnectionState.PARKED
-                and self.parked_by_fd.pop(connection.fd, None) is connection
-            ):
+            elif connection.state is ConnectionState.PARKED:
+                if peek_ready(connection) == "ready":
+                    # Not idle: its next message arrived and waits for a free thread
+                    # (every one is busy; take_ready() hands it over when one is done),
+                    # as a new connection would wait in the backlog. Looked at again
+                    # at the next sweep until a thread has it.
+                    continue
+                if self.parked_by_fd.pop(connection.fd, None) is not connection:
+                    continue  # a thread took it meanwhile
                 connection.outcome = "idle-timeout"
                 self._close(connection, "", finish_on_loop=True)
                 log.debug(
