@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
@@ -407,16 +408,29 @@ def _default_parser(default: Any) -> Callable[[str], Any]:
     return str
 
 
+# Infinity passes "> 0" but no timeout or count can use it (socket timeouts and poll()
+# take finite numbers): refused, with None as the way to say "no limit".
+_INFINITE = "must be a finite number (None, or 'none' on the command line: no limit)"
+
+
 def positive(value: Any) -> str | None:
-    return None if value is not None and value > 0 else "must be greater than 0"
+    if value is None or not value > 0:
+        return "must be greater than 0"
+    return None if math.isfinite(value) else _INFINITE
 
 
 def non_negative(value: Any) -> str | None:
-    return None if value is not None and value >= 0 else "must be 0 or more"
+    if value is None or not value >= 0:
+        return "must be 0 or more"
+    return None if math.isfinite(value) else _INFINITE
 
 
 def optional_positive(value: Any) -> str | None:
-    return None if value is None or value > 0 else "must be greater than 0, or None"
+    if value is None:
+        return None
+    if not value > 0:
+        return "must be greater than 0, or None"
+    return None if math.isfinite(value) else _INFINITE
 
 
 _KNOBS_BY_CLASS: dict[type, dict[str, Knob[Any]]] = {}

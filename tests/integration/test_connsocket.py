@@ -428,3 +428,25 @@ def test_wfile_sends_whole_writes_through_a_full_send_buffer() -> None:
             assert received == BIG
             assert exchange_line(sock, b"buffers\n") == b"bytearray and memoryview\n"
     assert _Writes.kinds == [ConnectionWriter]
+
+
+def test_timeouts_beyond_what_a_socket_takes_are_refused_and_long_ones_work(pair) -> None:
+    """settimeout() refuses what socket.settimeout() refuses, with its error; a timeout
+    longer than one poll() can wait (about 24.8 days) still waits for the bytes."""
+    ours, peer = pair
+    plain = socket.socket()
+    try:
+        for value in (float("inf"), 1e10):
+            with pytest.raises(OverflowError) as theirs:
+                plain.settimeout(value)
+            with pytest.raises(OverflowError, match=str(theirs.value)):
+                ours.settimeout(value)
+    finally:
+        plain.close()
+    ours.settimeout(1e9)  # 31 years
+    timer = threading.Timer(0.05, peer.sendall, (b"late\n",))
+    timer.start()
+    try:
+        assert ours.recv(100) == b"late\n"
+    finally:
+        timer.join()

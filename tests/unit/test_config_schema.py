@@ -94,6 +94,10 @@ def test_config_values_of_the_right_type_are_taken(name: str, value: Any, expect
         ("tcp_nodelay", "yes", "expected true or false, not a string"),
         ("unix_socket_mode", 0o1777, "must be a permission mode"),
         ("graceful_timeout", [1], "expected a number of seconds, not an array"),
+        # TOML's inf: no timeout can use it (None is "no limit").
+        ("idle_timeout", float("inf"), "must be a finite number"),
+        ("request_timeout", float("inf"), "must be a finite number"),
+        ("graceful_timeout", float("inf"), "must be a finite number"),
     ],
 )
 def test_config_values_of_the_wrong_type_are_refused(name: str, value: Any, problem: str) -> None:

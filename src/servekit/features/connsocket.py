@@ -46,6 +46,10 @@ _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _PEEK = int(socket.MSG_PEEK)
 _monotonic = time.monotonic
+# socket.settimeout() keeps a timeout as 64-bit nanoseconds and refuses larger ones.
+_TIMEOUT_MAX = 2**63 / 1e9
+# poll() takes milliseconds as a C int: a longer wait is made of several.
+_POLL_MAX_MS = 2**31 - 1
 
 
 class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
@@ -73,6 +77,8 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
             value = float(value)
             if value < 0.0 or math.isnan(value):
                 raise ValueError("Timeout value out of range")
+            if value >= _TIMEOUT_MAX:  # socket.settimeout()'s own limit and error
+                raise OverflowError("timestamp out of range for platform time_t")
         self._wait_timeout = value
 
     def gettimeout(self) -> float | None:
@@ -105,7 +111,12 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
                 ready = poller.poll()
             else:
                 left = deadline - _monotonic()
-                ready = poller.poll(max(0, math.ceil(left * 1000))) if left > 0 else []
+                if left * 1000 > _POLL_MAX_MS:  # poll() takes at most ~24.8 days: again
+                    ready = poller.poll(_POLL_MAX_MS)
+                    if not ready:
+                        continue
+                else:
+                    ready = poller.poll(max(0, math.ceil(left * 1000))) if left > 0 else []
             if not ready:
                 if limited:
                     raise self.too_slow()
@@ -250,7 +261,8 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
                     raise TimeoutError("timed out")
                 poller = select.poll()
                 poller.register(self, _POLLOUT)
-                if not poller.poll(None if left is None else max(1, math.ceil(left * 1000))):
+                wait = None if left is None else min(_POLL_MAX_MS, max(1, math.ceil(left * 1000)))
+                if not poller.poll(wait) and wait != _POLL_MAX_MS:
                     raise TimeoutError("timed out")
 
 
