@@ -4,6 +4,7 @@ handler that loops in handle() are not."""
 
 from __future__ import annotations
 
+import http.server
 import logging
 import os
 import socket
@@ -268,3 +269,87 @@ def test_min_request_rate_is_a_setting() -> None:
     assert Server.min_request_rate == 500.0
     with Server(f"{LOCALHOST}:0", Upload, min_request_rate=None) as server:
         assert server.min_request_rate is None
+
+
+# -- Expect: 100-continue ----------------------------------------------------------------
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def _expecting_post(length: int) -> bytes:
+    return (
+        b"POST /up HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+        b"Content-Length: %d\r\n\r\n" % length
+    )
+
+
+class Works(http.server.BaseHTTPRequestHandler):
+    """Answers 100 Continue as http.server does (before do_POST), then waits until the
+    client says it has its 100 and works past request_timeout before it reads the body."""
+
+    protocol_version = "HTTP/1.1"
+    got_continue = threading.Event()
+
+    def do_POST(self) -> None:
+        self.got_continue.wait(TIMEOUT)
+        threading.Event().wait(0.5)  # the scenario: work past request_timeout (0.2 s)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_100_continue_leaves_at_once() -> None:
+    """http.server sends '100 Continue' before do_POST runs: a pool server sends it at
+    once (an interim head is never held for a body), so the client's body is there when
+    the handler, having worked past request_timeout, reads it."""
+    Works.got_continue = threading.Event()
+    with (
+        Server(
+            f"{LOCALHOST}:0", Works, max_threads=1, request_timeout=0.2, min_request_rate=100
+        ) as server,
+        serving(server),
+        connect(server.server_address, TIMEOUT) as sock,
+    ):
+        sock.sendall(_expecting_post(5))
+        # do_POST waits for this event: the 100 must come before it runs (a held one
+        # would come only when do_POST reads: after this socket's timeout).
+        sock.settimeout(2)
+        assert read_until(sock, b"\r\n\r\n") == CONTINUE
+        sock.settimeout(TIMEOUT)
+        Works.got_continue.set()
+        sock.sendall(b"hello")
+        answer = read_until(sock, b"hello")
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nhello")
+
+
+def test_a_wsgi_body_asked_for_late_is_not_too_slow() -> None:
+    """servekit's WSGI handler sends '100 Continue' when the application first reads
+    wsgi.input, past request_timeout here: the body's bound starts then."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        threading.Event().wait(0.5)  # the scenario: work past request_timeout (0.2 s)
+        body = environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+
+    with (
+        Server(
+            f"{LOCALHOST}:0",
+            handler_for(app),
+            max_threads=1,
+            request_timeout=0.2,
+            min_request_rate=1000,  # the head's bytes buy 0.1 s: not past the work
+        ) as server,
+        serving(server),
+        connect(server.server_address, TIMEOUT) as sock,
+    ):
+        sock.sendall(_expecting_post(5))
+        assert read_until(sock, b"\r\n\r\n") == CONTINUE
+        sock.sendall(b"hello")
+        answer = read_until(sock, b"hello")
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nhello")

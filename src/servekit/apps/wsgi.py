@@ -51,6 +51,7 @@ from servekit.errors import RequestTooSlow, ServekitError
 from servekit.features.addresses import format_peer
 from servekit.features.connection import current_connection
 from servekit.features.messages import MessageHandler
+from servekit.features.readrate import ReadRate
 from servekit.protocols import http1
 from servekit.protocols.http1 import (
     NEED_DATA,
@@ -817,6 +818,8 @@ class WSGIRequestHandler(MessageHandler):
                 expected = request is not None and request.expect_continue
                 if expected and (response is None or not response.headers_sent):
                     self._send(_CONTINUE)
+                    if isinstance(self.request, ReadRate):
+                        self.request.restart_reads()  # asked only now: not slow yet
             if not self._fill():
                 self._gone = EOFError("connection closed in the middle of the body")
                 raise ClientDisconnected("the connection closed in the middle of the body")

@@ -55,7 +55,15 @@ _POLL_MAX_MS = 2**31 - 1
 class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
     """socket.socket with a timeout that costs a system call only when it must wait."""
 
-    __slots__ = ("_held", "_hold", "_read_bytes", "_read_rate", "_read_until", "_wait_timeout")
+    __slots__ = (
+        "_held",
+        "_hold",
+        "_read_bytes",
+        "_read_rate",
+        "_read_span",
+        "_read_until",
+        "_wait_timeout",
+    )
     _io_refs: int  # socket.socket's count of open makefile() files, undeclared in the stubs
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -68,6 +76,7 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
         self._read_until: float | None = None
         self._read_rate = 0.0
         self._read_bytes = 0
+        self._read_span = 0.0
         _C.settimeout(self, 0.0)  # the descriptor: non-blocking for good
 
     # -- the timeout, as the handler sees it ---------------------------------------------

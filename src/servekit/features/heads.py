@@ -28,6 +28,9 @@ __all__ = ["HeadHolding"]
 # itself, right after the head).
 HEAD_MAX = 16384
 JOIN_MAX = 65536
+# Interim responses ("100 Continue") are sent at once: the client waits for them before it
+# sends its body, and nothing follows them until the handler has read it.
+_INTERIM = (b"HTTP/1.1 1", b"HTTP/1.0 1")
 
 
 class HeadHolding:
@@ -68,6 +71,7 @@ class HeadHolding:
                 and type(data) is bytes
                 and len(data) <= HEAD_MAX
                 and data.endswith(b"\r\n\r\n")
+                and not data.startswith(_INTERIM)
                 and self._held is None
             ):
                 self._held = data  # a head: wait for the body

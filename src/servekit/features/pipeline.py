@@ -68,7 +68,7 @@ from servekit.features.connection import (
 )
 from servekit.features.connsocket import ConnectionSocket
 from servekit.features.heads import HeadHolding
-from servekit.features.httpdates import date_methods
+from servekit.features.httpserver import handler_methods
 from servekit.features.messages import holds_response_head, message_loop_of
 
 __all__ = [
@@ -276,7 +276,7 @@ def _parkable_class(cls: type, initial: bool) -> type:
 
     namespace = {
         # http.server's handlers format the current time once a second, not per request.
-        **date_methods(cls),
+        **handler_methods(cls),
         "handle": handle,
         "finish": finish,
         "__module__": cls.__module__,

@@ -1,5 +1,6 @@
-"""The cached date methods return exactly what http.server's own return in the same
-second, and are only given to classes that use http.server's own."""
+"""What pool servers change in http.server's handlers: the cached date methods return
+exactly what http.server's own return in the same second, and are only given to classes
+that use http.server's own."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import time
 
 import pytest
 
-from servekit.features import httpdates
-from servekit.features.httpdates import date_methods
+from servekit.features import httpserver
+from servekit.features.httpserver import handler_methods
 from servekit.features.pipeline import parkable_factory
 
 pytestmark = pytest.mark.timeout(30)
@@ -35,7 +36,7 @@ def _handler(cls: type) -> http.server.BaseHTTPRequestHandler:
 
 @pytest.mark.parametrize("instant", INSTANTS)
 def test_same_strings_as_http_server(monkeypatch: pytest.MonkeyPatch, instant: float) -> None:
-    cls = type("H", (http.server.SimpleHTTPRequestHandler,), date_methods(Base))
+    cls = type("H", (http.server.SimpleHTTPRequestHandler,), handler_methods(Base))
     ours, theirs = _handler(cls), _handler(http.server.SimpleHTTPRequestHandler)
     for offset in (0.0, 0.25, 0.999, 1.0):  # the cache's second turns over at 1.0
         monkeypatch.setattr(time, "time", lambda at=instant + offset: at)
@@ -51,8 +52,8 @@ def test_a_class_with_its_own_month_names_gets_them(monkeypatch: pytest.MonkeyPa
                      "oct", "nov", "déc"]  # fmt: skip
 
     monkeypatch.setattr(time, "time", lambda: INSTANTS[3])
-    plain = type("P", (Base,), date_methods(Base))
-    french = type("F", (French,), date_methods(French))
+    plain = type("P", (Base,), handler_methods(Base))
+    french = type("F", (French,), handler_methods(French))
     assert "/Dec/" in _handler(plain).log_date_time_string()
     assert "/déc/" in _handler(french).log_date_time_string()
     assert _handler(french).log_date_time_string() == _handler(French).log_date_time_string()
@@ -63,12 +64,12 @@ def test_only_classes_that_use_http_servers_own_methods() -> None:
         def date_time_string(self, timestamp: float | None = None) -> str:
             return "mine"
 
-    assert set(date_methods(http.server.SimpleHTTPRequestHandler)) == {
+    assert set(handler_methods(http.server.SimpleHTTPRequestHandler)) == {
         "date_time_string",
         "log_date_time_string",
     }
-    assert set(date_methods(OwnDate)) == {"log_date_time_string"}
-    assert date_methods(object) == {}
+    assert set(handler_methods(OwnDate)) == {"log_date_time_string"}
+    assert handler_methods(object) == {}
 
 
 def test_pool_servers_run_http_server_handlers_with_cached_dates() -> None:
@@ -76,5 +77,5 @@ def test_pool_servers_run_http_server_handlers_with_cached_dates() -> None:
         protocol_version = "HTTP/1.1"
 
     parkable = parkable_factory(Handler)
-    assert parkable.date_time_string is httpdates._date_time_string
-    assert parkable.log_date_time_string is httpdates._log_date_time_string
+    assert parkable.date_time_string is httpserver._date_time_string
+    assert parkable.log_date_time_string is httpserver._log_date_time_string

@@ -2,24 +2,23 @@
 #
 # Strategy. BaseHTTPRequestHandler formats the current time twice per request: the Date
 # header (date_time_string(), through email.utils, about 3.5 us here) and the access log
-# line (log_date_time_string(), about 1.3 us): some 4 % of a small keep-alive request
-# served by SimpleHTTPRequestHandler, for strings that change once a second. nginx keeps
-# its formatted times in a cache refreshed once a second for the same reason.
+# line (log_date_time_string(), about 1.3 us); SimpleHTTPRequestHandler also formats its
+# file's Last-Modified (about 3.9 us): some 7 % of a small keep-alive request, for
+# strings that change once a second. nginx keeps its formatted times in a cache
+# refreshed once a second for the same reason.
 #
-# On a pool server the pipeline runs an http.server handler class through a subclass of
-# its own (servekit.features.pipeline); date_methods() gives that subclass versions of
-# the two methods that keep the last second's string and format a new one when the
-# second changes. What they return is exactly what http.server's would return in the
-# same second (the strings have a resolution of one second). A call with a timestamp
-# (SimpleHTTPRequestHandler's Last-Modified, about 3.5 us more) keeps the last one it
-# formatted, for the same timestamp. A class that overrides either method keeps its own.
+# A pool server runs an http.server handler class through a subclass of its own
+# (servekit.features.pipeline); handler_methods() gives that subclass versions of these
+# methods that keep the last second's string (and the last timestamp's) and format a new
+# one when it changes. What they return is exactly what http.server's return. A class
+# that overrides either method keeps its own.
 from __future__ import annotations
 
 import sys
 import time
 from typing import Any
 
-__all__ = ["date_methods"]
+__all__ = ["handler_methods"]
 
 # (key, string), and for the log (second, month names, string): each replaced whole, so
 # a reader on another thread sees a matching set. time.time() is looked up per call, so
@@ -64,9 +63,9 @@ def _log_date_time_string(self: Any) -> str:
     return cached[2]
 
 
-def date_methods(handler_class: type) -> dict[str, Any]:
-    """The cached date methods for a subclass of handler_class: {} unless it is an
-    http.server handler that uses BaseHTTPRequestHandler's own."""
+def handler_methods(handler_class: type) -> dict[str, Any]:
+    """The methods a pool server gives its subclass of handler_class: {} unless it is an
+    http.server handler."""
     http = sys.modules.get("http.server")  # never import it ourselves
     base = getattr(http, "BaseHTTPRequestHandler", None)
     if base is None or not issubclass(handler_class, base):
