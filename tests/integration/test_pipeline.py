@@ -25,7 +25,15 @@ from servekit.features.pool import ThreadPoolMixIn, ThreadPoolTCPServer, ThreadP
 from servekit.features.proxy import ProxyProtocolMixIn
 from servekit.features.tls import TLSMixIn
 from servekit.protocols.proxy_header import build_v2
-from servekit.testing import LOCALHOST, closed_by_peer, connect, exchange_line, serving, wait_until
+from servekit.testing import (
+    LOCALHOST,
+    closed_by_peer,
+    connect,
+    exchange_line,
+    read_until,
+    serving,
+    wait_until,
+)
 from tests.tls_certs import CertSet
 
 TIMEOUT = 10.0
@@ -201,6 +209,37 @@ def test_a_message_that_arrived_is_not_closed_as_idle_while_threads_are_busy() -
                 release.set()
                 assert waiting.recv(100) == b"second\n"
                 assert busy.recv(100) == b"block\n"
+
+
+def test_a_pipelined_partial_head_waits_in_the_loop(caplog: pytest.LogCaptureFixture) -> None:
+    """A client that sends a request and the start of the next in one packet, then
+    stalls: the part read with the first request is in the handler's rfile, where no
+    peek sees it. Its wait is in the loop all the same: on one thread, another client is
+    answered at once, the staller is closed at request_timeout with one line, and a
+    client that completes its pipelined head later is answered."""
+    from tests.integration.apps import Upload
+
+    request = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+    with (
+        caplog.at_level(logging.INFO, logger="servekit"),
+        LimitsPool((LOCALHOST, 0), Upload, max_threads=1, request_timeout=0.5) as server,
+        serving(server),
+        connect(server.server_address, TIMEOUT) as staller,
+        connect(server.server_address, TIMEOUT) as finisher,
+    ):
+        staller.sendall(request + b"GET / HTTP/1.1\r\nHo")
+        assert read_until(staller, b"hello").endswith(b"\r\n\r\nhello")
+        started = time.monotonic()
+        with connect(server.server_address, TIMEOUT) as other:
+            other.sendall(request)
+            assert read_until(other, b"hello").endswith(b"\r\n\r\nhello")
+        assert time.monotonic() - started < 0.5  # not behind the staller's thread
+        finisher.sendall(request + b"GET / HTTP/1.1\r\n")
+        assert read_until(finisher, b"hello").endswith(b"\r\n\r\nhello")
+        finisher.sendall(b"Host: t\r\n\r\n")  # the rest of the pipelined head
+        assert read_until(finisher, b"hello").endswith(b"\r\n\r\nhello")
+        assert closed_by_peer(staller, TIMEOUT)
+    assert any("request_timeout" in r.getMessage() for r in caplog.records)
 
 
 def test_an_error_in_a_later_message_is_reported_and_closes(

@@ -43,7 +43,14 @@ from servekit.features.addresses import format_peer
 from servekit.features.base import ServerFeature
 from servekit.features.connection import Connection, current_connection
 from servekit.features.messages import request_wait_of
-from servekit.features.pipeline import PEEK_NOW, Stage, StageError, Step, peek_ready
+from servekit.features.pipeline import (
+    PEEK_NOW,
+    Stage,
+    StageError,
+    Step,
+    buffered_request,
+    peek_ready,
+)
 from servekit.features.readrate import ReadRate
 from servekit.knobs import (
     knob,
@@ -124,6 +131,28 @@ def _tls_verdict(
         return f"line longer than {limit} bytes"
     # Part of it: wait, edge-triggered, for more (as for a plain socket's partial line).
     return "more" if data else "wait"
+
+
+def _pending_verdict(
+    request: Any, pending: bytes, complete: Callable[[bytes, int], bool], limit: int, head: bool
+) -> str:
+    # Part of the request is in the handler's rfile already (read with the last one): it
+    # and what the kernel holds make the request, which no peek alone would see.
+    try:
+        # socket.socket's own recv(): the handler's socket may have a timeout, and
+        # ConnectionSocket.recv() would wait it out.
+        more = socket.socket.recv(request, limit, PEEK_NOW)
+        closed = not more
+    except BlockingIOError:
+        more, closed = b"", False
+    except OSError:
+        return "ready"  # reset: the handler reads what it has, then the error
+    data = pending + more
+    if complete(data, len(data)) or len(data) >= limit or closed:
+        # Whole, too long for the wait (the handler's own limits answer it), or all the
+        # client will send: the handler reads it.
+        return "ready"
+    return "more"  # new bytes, and only they, wake it (edge-triggered)
 
 
 def _line_complete(data: bytes | bytearray, got: int) -> bool:
@@ -220,17 +249,23 @@ class WaitForRequest(Stage):
         log.log(error.level, "%s: %s; closing", format_peer(connection.peer), error.reason)
 
     def _tls_ready(
-        self, request: Any, complete: Callable[[bytes, int], bool], limit: int, head: bool
+        self,
+        request: Any,
+        complete: Callable[[bytes, int], bool],
+        limit: int,
+        head: bool,
+        pending: bytes,
     ) -> str:
         # Over TLS the kernel holds encrypted records: the request is decrypted ahead
-        # and kept on the socket for the handler (servekit.features.tlssocket).
+        # and kept on the socket for the handler (servekit.features.tlssocket), after
+        # what the handler's rfile holds already (pending).
         try:
             data, closed = request.read_ahead(limit)
         except (ConnectionResetError, ConnectionAbortedError, ssl.SSLEOFError):
-            return ""  # the client went away: a normal event, not worth a log line
+            return "ready" if pending else ""  # gone: a normal event, not worth a line
         except OSError as exc:
             return f"error before its request: {exc.strerror or exc}"
-        return _tls_verdict(data, closed, complete, limit, head)
+        return _tls_verdict(pending + data, closed, complete, limit, head)
 
     def ready(self, connection: Connection, events: int) -> str:
         """'ready', 'wait' (nothing yet), 'more' (part of a line or head), '' (the
@@ -240,13 +275,20 @@ class WaitForRequest(Stage):
             return "ready"
         request = connection.request
         tls = isinstance(request, ssl.SSLSocket)
+        # Between messages: what the handler's rfile read with the last request (a
+        # pipelining client) is the start of this one, where no peek sees it.
+        pending = b"" if connection.handler is None else buffered_request(connection)
         if mode == "data" or (tls and not hasattr(request, "read_ahead")):
+            if pending:
+                return "ready"
             return peek_ready(connection)  # the handler reads, and sees EOF or errors itself
         head = mode == "head"
         complete = _head_complete if head else _line_complete
         limit = HEAD_LIMIT if head else self.limit
         if tls:
-            return self._tls_ready(request, complete, limit, head)
+            return self._tls_ready(request, complete, limit, head, pending)
+        if pending:
+            return _pending_verdict(request, pending, complete, limit, head)
         try:
             # A small peek first, into a reused buffer: the whole line (or head) is almost
             # always in it, and peeking 64 KiB would allocate that much on every message.

@@ -731,9 +731,24 @@ class ConnectionPipeline:
                     return
                 if not message_buffered(connection):
                     break
+                if self._rewait is not None and not self._next_request_ready(connection):
+                    return  # the rest of its head is awaited in the loop, without a thread
             self._park(connection)
         finally:
             _local.connection = None
+
+    def _next_request_ready(self, connection: Connection) -> bool:
+        """For a connection whose handler's rfile holds part of the next request (the
+        client pipelined): whether the request wait is satisfied (True: serve it now).
+        If not, the wait was armed in the loop, as for a parked connection whose next
+        bytes came (_unpark()): a client that sends one request and a trickle of the
+        next holds no thread. The wait sees what rfile holds (buffered_request())."""
+        self._enter(connection, self._rewait)  # type: ignore[arg-type]
+        connection.state = ConnectionState.PREAMBLE
+        if self._advance(connection, on_loop=False):
+            connection.state = _HANDLING
+            return True
+        return False
 
     def _run_whole(self, connection: Connection) -> None:
         connection.request.settimeout(connection.timeout)
@@ -1058,6 +1073,24 @@ def message_buffered(connection: Connection) -> bool:
             request.settimeout(timeout)
         except OSError:
             pass
+
+
+def buffered_request(connection: Connection) -> bytes:
+    """The bytes of the next message that the handler's rfile read with the last one (a
+    pipelining client): b"" if none, or if that rfile cannot be looked into without
+    reading the socket. Called after message_buffered() said there are some; looks the
+    way it does (see there)."""
+    probe = connection.probe
+    rfile = connection.probed
+    if probe is None or probe is rfile or rfile is None:
+        return b""
+    probe.readinto = _no_bytes_yet
+    try:
+        return bytes(rfile.peek(1))
+    except (OSError, ValueError):
+        return b""
+    finally:
+        del probe.readinto
 
 
 def _probe_of(rfile: Any) -> Any:
