@@ -320,27 +320,89 @@ def close_tls(tls: ssl.SSLSocket) -> None:
     tls.close()
 
 
-def _answer_plaintext_http(tls: ssl.SSLSocket) -> None:
+def _answer_plaintext_http(tls: ssl.SSLSocket, server: Any = None) -> None:
+    """Answer a plaintext HTTP request with the 400, then close after a lingering read.
+
+    Closing a socket with the client's request unread sends a reset, which can destroy
+    the 400 before the client reads it; so the rest of what the client sends is read and
+    dropped until it closes, for PLAINTEXT_LINGER_SECONDS (or BYTES) at most, as Apache's
+    lingering close does. With server (a pool server's loop), that wait is the loop's, so
+    no pool thread is held by a client that never closes; without, it is this thread's.
+    """
     # The connection failed as TLS but is a working TCP socket: take its descriptor
     # back from the SSLSocket and answer in the client's own protocol.
-    with socket.socket(fileno=tls.detach()) as sock:
+    sock = socket.socket(fileno=tls.detach())
+    try:
+        sock.settimeout(PLAINTEXT_LINGER_SECONDS)
+        sock.sendall(PLAINTEXT_HTTP_RESPONSE)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        sock.close()  # the client left; the reply was a courtesy
+        return
+    if server is None:
+        with sock:
+            _linger(sock, time.monotonic() + PLAINTEXT_LINGER_SECONDS)
+    else:
+        server.call_soon_threadsafe(_LoopLinger(server, sock).start)
+
+
+def _linger(sock: socket.socket, deadline: float) -> None:
+    drained = 0
+    try:
+        while drained < PLAINTEXT_LINGER_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            sock.settimeout(remaining)
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except OSError:
+        pass  # the client left
+
+
+def _has_pipeline(server: Any) -> bool:
+    # A pool server (servekit.features.pool) runs its connections from its loop; any
+    # other keeps a thread per connection, where waiting is what the thread is for.
+    return getattr(server, "pipeline", None) is not None
+
+
+class _LoopLinger:
+    """A lingering close run by the server's loop: readable -> read and drop; EOF, the
+    byte limit or the deadline -> close. Every method runs on the loop's thread."""
+
+    def __init__(self, server: Any, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.drained = 0
+        self.timer: Any = None
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        self.server.watch(self.sock, self.readable)
+        self.timer = self.server.call_at(time.monotonic() + PLAINTEXT_LINGER_SECONDS, self.close)
+
+    def readable(self) -> None:
         try:
-            sock.settimeout(PLAINTEXT_LINGER_SECONDS)
-            sock.sendall(PLAINTEXT_HTTP_RESPONSE)
-            sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + PLAINTEXT_LINGER_SECONDS
-            drained = 0
-            while drained < PLAINTEXT_LINGER_BYTES:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                sock.settimeout(remaining)
-                chunk = sock.recv(4096)
+            while self.drained < PLAINTEXT_LINGER_BYTES:
+                chunk = self.sock.recv(4096)
                 if not chunk:
                     break
-                drained += len(chunk)
+                self.drained += len(chunk)
+        except BlockingIOError:
+            return  # all read for now: wait for more, or EOF
         except OSError:
-            pass  # the client left; the reply was a courtesy
+            pass  # the client left
+        self.close()
+
+    def close(self) -> None:
+        if self.sock.fileno() == -1:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        self.server.unwatch(self.sock)
+        self.sock.close()
 
 
 # -- what a handler sees --------------------------------------------------------------
@@ -463,7 +525,9 @@ class TLSHandshake(Stage):
             if isinstance(request, ssl.SSLSocket) and request.fileno() != -1:
                 if self.server.plaintext_http_reply and _is_plaintext_http(exc):
                     request.settimeout(None)
-                    _answer_plaintext_http(request)  # detaches the descriptor
+                    # On a pool server the lingering close is the loop's (no thread).
+                    loop = self.server if _has_pipeline(self.server) else None
+                    _answer_plaintext_http(request, loop)  # detaches the descriptor
                 else:
                     request.close()  # OpenSSL has already sent whatever alert applies
 
