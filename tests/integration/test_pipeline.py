@@ -496,6 +496,26 @@ def test_a_silent_connection_in_the_backlog_does_not_hold_up_the_stop() -> None:
     assert took < 2.0, took
 
 
+def test_silent_connections_in_the_backlog_share_one_grace() -> None:
+    """Twenty silent clients in the backlog, on two threads: the shutdown grace is one
+    for them all (0.25 s), not one each, which served two at a time added up to 2.5 s."""
+    server = LimitsPool((LOCALHOST, 0), EchoHandler, max_threads=2, request_timeout=20)
+    with serving(server):
+        server.shutdown()
+        silent = [connect(server.server_address, TIMEOUT) for _ in range(20)]
+        talker = connect(server.server_address, TIMEOUT)
+        talker.sendall(b"hello\n")
+        started = time.monotonic()
+        server.server_close()
+        took = time.monotonic() - started
+    with talker, talker.makefile("rb") as reader:
+        assert reader.readline() == b"hello\n"
+    for sock in silent:
+        with sock:
+            assert closed_by_peer(sock, TIMEOUT)
+    assert took < 1.5, took
+
+
 def test_drain_waits_once_for_hung_handlers(caplog: pytest.LogCaptureFixture) -> None:
     """A handler that hangs past drain_timeout delays server_close() by drain_timeout once, with a warning; daemon pool threads do not hold the process."""
     release = threading.Event()

@@ -919,15 +919,18 @@ class ConnectionPipeline:
         finally:
             _set_current(None)
 
-    def serve_blocking(self, sock: socket.socket, peer: Any) -> None:
+    def serve_blocking(self, sock: socket.socket, peer: Any, until: float | None = None) -> None:
         """Serve one connection whole on this thread: preamble, one handler run, close.
 
         For connections taken from the backlog during shutdown: no parking, and the
-        preamble gets SHUTDOWN_GRACE, as a connection the loop had already admitted does
-        (close_idle()): a client that connected and says nothing must not hold up the
-        stop for its whole request_timeout.
+        preamble may wait until ``until`` (a time.monotonic(); default SHUTDOWN_GRACE from
+        now), as a connection the loop had already admitted does (close_idle()): a
+        client that connected and says nothing must not hold up the stop for its whole
+        request_timeout. The backlog's connections share one such deadline: served
+        a few at a time, each with a grace of its own would add up.
         """
-        until = time.monotonic() + SHUTDOWN_GRACE
+        if until is None:
+            until = time.monotonic() + SHUTDOWN_GRACE
         connection = Connection(sock, peer)
         connection.closing = True
         self.connections[connection.fd] = connection

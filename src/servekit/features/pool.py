@@ -46,7 +46,7 @@ from servekit.core.accept import accept_as
 from servekit.features import forks
 from servekit.features.base import ServerFeature
 from servekit.features.connsocket import ConnectionSocket
-from servekit.features.pipeline import ConnectionPipeline
+from servekit.features.pipeline import SHUTDOWN_GRACE, ConnectionPipeline
 from servekit.knobs import (
     knob,
     non_negative,
@@ -627,6 +627,8 @@ class ThreadPoolMixIn(ServerFeature):
         runtime = self._here()
         assert runtime is not None
         taken = 0
+        # One grace for every preamble of the backlog (see serve_blocking()).
+        until = time.monotonic() + SHUTDOWN_GRACE
         for source in self.accept_sources():
             self.ready_listener = source
             while taken < BACKLOG_DRAIN_LIMIT:
@@ -639,7 +641,7 @@ class ThreadPoolMixIn(ServerFeature):
                     continue
                 taken += 1
                 try:
-                    runtime.pool.submit(pipeline.serve_blocking, request, client_address)
+                    runtime.pool.submit(pipeline.serve_blocking, request, client_address, until)
                 except RuntimeError:
                     self.shutdown_request(request)
         if taken:
