@@ -605,6 +605,31 @@ def test_a_head_in_several_records_reaches_the_handler_intact(tls_certs: CertSet
         assert answer.endswith(b"/b") and b"\r\n\r\n/a" in answer
 
 
+@pytest.mark.parametrize("handler", ["http.server", "wsgi"])
+def test_a_client_that_half_closes_after_its_request_is_answered(
+    tls_certs: CertSet, handler: str
+) -> None:
+    """A TLS client that sends its request and then shuts down its TCP side (no
+    close_notify, as some clients do) gets its response, as with the stdlib: reading the
+    head ahead must not run into the end of stream, where OpenSSL would fail the
+    connection for good. Ten times, since the end may come with the request or after."""
+    from servekit.apps.wsgi import handler_for
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    handler_class = PathPage if handler == "http.server" else handler_for(app)
+    ending = b"/x" if handler == "http.server" else b"ok"
+    with running(tls_certs, handler_class, _limits_pool_tls(), max_threads=2) as server:
+        for _ in range(10):
+            with tls_connect(server.server_address, tls_certs.client_context()) as sock:
+                sock.sendall(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+                socket.socket.shutdown(sock, socket.SHUT_WR)  # TCP only: no close_notify
+                answer = read_until(sock, b"\r\n\r\n" + ending)
+                assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(ending)
+
+
 def test_echo_line_over_tls_in_pieces(tls_certs: CertSet) -> None:
     """The echo handler declares a line wait: over TLS a line sent in two records is echoed whole."""
     from servekit.apps.echo import EchoHandler

@@ -20,6 +20,7 @@
 # alone; its connections then wait for data, not a line or a head.
 from __future__ import annotations
 
+import socket
 import ssl
 import time
 from typing import Any
@@ -30,6 +31,9 @@ from servekit.features.readrate import ReadRate
 __all__ = ["TLSConnectionSocket", "adopt_context"]
 
 _len = len  # read()'s first parameter is called len, as SSLSocket.read()'s is
+# A look at the encrypted bytes under TLS: socket.socket's recv(), never waiting.
+_C_recv = socket.socket.recv
+_PEEK_NOW = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 class TLSConnectionSocket(HeadHolding, ReadRate, ssl.SSLSocket):
@@ -58,6 +62,19 @@ class TLSConnectionSocket(HeadHolding, ReadRate, ssl.SSLSocket):
             ahead = self._ahead
             closed = False
             while len(ahead) < limit:  # bounded: each turn takes bytes, or ends the loop
+                if not super().pending():
+                    # The encrypted bytes first: at a bare end of stream (a client that
+                    # half-closed TCP after its request, without close_notify) OpenSSL's
+                    # read would fail the connection for good, "unexpected EOF", and the
+                    # response could not be sent. The end is the handler's to read.
+                    try:
+                        if not _C_recv(self, 1, _PEEK_NOW):
+                            closed = True
+                            break
+                    except BlockingIOError:
+                        break  # nothing has arrived
+                    except OSError:
+                        pass  # a reset: OpenSSL's read reports it
                 try:
                     chunk = super().read(limit - len(ahead))
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
