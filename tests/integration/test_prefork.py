@@ -226,6 +226,25 @@ def test_max_requests_recycles_workers() -> None:
         server.assert_no_leftovers()
 
 
+def test_max_requests_counts_the_requests_of_a_keep_alive_connection() -> None:
+    """max_requests counts requests, as gunicorn does, not connections: a single client
+    that keeps one connection open and sends line after line to a message handler makes
+    its worker retire after 5 of them. (A handler that loops in handle() is one request
+    per connection.)"""
+    with serve(
+        "servekit.apps.echo:EchoHandler", "--workers", "2", "--threads", "2", "--max-requests", "5"
+    ) as server:
+        server.wait_ready()
+        with server.connect() as sock, sock.makefile("rb") as reader:
+            for i in range(5):
+                sock.sendall(b"%d\n" % i)
+                assert reader.readline() == b"%d\n" % i
+        server.wait_for("is retiring")
+        server.send(signal.SIGTERM)
+        assert server.wait() == 0
+        server.assert_no_leftovers()
+
+
 def test_reuse_port_workers() -> None:
     """With --reuse-port each worker has its own SO_REUSEPORT listener and requests are served."""
     with serve(

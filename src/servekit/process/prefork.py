@@ -31,6 +31,7 @@ from typing import Any
 
 from servekit.core.wakeup import Wakeup
 from servekit.features.base import ServerFeature
+from servekit.features.connection import Connection
 from servekit.features.listeners import ListenerOptions, bind_listeners
 from servekit.knobs import (
     knob,
@@ -318,14 +319,30 @@ class PreforkMixIn(ServerFeature):
             "\n".join(stacks),
         )
 
-    def process_request(self, request: Any, client_address: Any) -> None:
+    # max_requests counts requests as gunicorn does: each message of a stream connection
+    # (an HTTP request of a keep-alive connection, a line of the echo handler) and each
+    # datagram; not connections, which a keep-alive client keeps for thousands of them.
+
+    def message_started(self, connection: Connection) -> None:
+        super().message_started(connection)
         context = self.worker_context
         if context is not None and context.count_request():
-            # Retire after this request: the supervisor sees DRAINING and starts a
-            # replacement while we finish what is in flight.
-            context.set_state(WorkerState.DRAINING)
-            self.request_shutdown()
+            self._retire()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.socket_type != socket.SOCK_STREAM:
+            context = self.worker_context
+            if context is not None and context.count_request():
+                self._retire()
         super().process_request(request, client_address)
+
+    def _retire(self) -> None:
+        # Retire after this request: the supervisor sees DRAINING and starts a
+        # replacement while we finish what is in flight (count_request() says so once).
+        context = self.worker_context
+        assert context is not None
+        context.set_state(WorkerState.DRAINING)
+        self.request_shutdown()
 
     def server_close(self) -> None:
         supervisor = self.supervisor

@@ -248,9 +248,10 @@ class WorkerContext:
                 pass  # a wake-up is already pending, or the supervisor is gone
 
     def count_request(self) -> bool:
-        """Count one request; True when the worker should retire (max_requests reached)."""
+        """Count one request; True once, when the worker should retire (max_requests
+        reached)."""
         self.requests += 1
-        return 0 < self.max_requests <= self.requests
+        return 0 < self.max_requests == self.requests
 
 
 @dataclass(eq=False)
