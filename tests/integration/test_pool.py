@@ -284,7 +284,8 @@ def test_a_following_pool_runs_ready_work_and_is_woken_for_queued_work() -> None
     source.add(ran.release)
     pool.submit(lambda: None)  # starts the thread; it then leads, waiting in the source
     assert ran.acquire(timeout=5)
-    assert wait_until(lambda: pool.busy == 0 and pool.idle == 0 and pool.size == 1)
+    assert wait_until(lambda: pool.busy == 0 and pool.leading and pool.size == 1)
+    assert pool.idle == 1  # the leader waits for work: idle, for the metrics too
     pool.submit(ran.release)  # every thread is in the source: only a wake reaches it
     assert ran.acquire(timeout=5)
     source.add(ran.release)  # and it leads again afterwards

@@ -180,7 +180,13 @@ class WorkerPool:
 
     @property
     def idle(self) -> int:
-        return len(self._idle)
+        """Worker threads waiting for work: asleep, or the one leading in the source."""
+        return len(self._idle) + (self._leader is not None)
+
+    @property
+    def leading(self) -> bool:
+        """Whether a thread waits in the source followed (follow()) for ready work."""
+        return self._leader is not None
 
     @property
     def saturated(self) -> bool:
