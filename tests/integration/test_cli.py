@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
 import socket
@@ -315,6 +316,9 @@ MODULES = {
         "import servekit\n"
         "class Server(servekit.TCPServer):\n"
         "    pass\n"
+        "import functools, http.server\n"
+        "Files = functools.partial(http.server.SimpleHTTPRequestHandler, directory='/srv')\n"
+        "NotOne = functools.partial(print, 'x')\n"
     ),
 }
 
@@ -349,6 +353,25 @@ def test_bad_targets_are_one_line(handler_modules: str, target: str, message: st
     """A handler module that cannot be imported, a missing attribute, or an object that is not a handler class: exit 2, one line naming the target."""
     proc = run_cli("serve", target, "--bind", "127.0.0.1:0", path=handler_modules)
     assert_one_line_error(proc, message)
+
+
+def test_a_partial_of_a_handler_class_is_a_target(
+    handler_modules: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """functools.partial(SimpleHTTPRequestHandler, directory=...) is what socketserver
+    takes as a handler: the command takes it too, keeping its arguments; a partial of
+    anything else is refused as before."""
+    import functools
+
+    from servekit.cli.targets import TargetError, load_handler
+
+    monkeypatch.syspath_prepend(handler_modules)
+    files = load_handler("handlers_mod:Files")
+    assert isinstance(files, functools.partial)
+    assert files.keywords == {"directory": "/srv"}
+    assert issubclass(files.func, http.server.SimpleHTTPRequestHandler)
+    with pytest.raises(TargetError, match="is a partial object, not a request handler"):
+        load_handler("handlers_mod:NotOne")
 
 
 @pytest.mark.parametrize(

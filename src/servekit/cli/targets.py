@@ -19,6 +19,7 @@
 # its own server runs it with python directly.
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -143,9 +144,14 @@ def _handler_problem(obj: object) -> str | None:
     return None
 
 
-def load_handler(target: str, *, reload: bool = False) -> type:
-    """The request handler class named by target (see the module comment for what counts)."""
+def load_handler(target: str, *, reload: bool = False) -> Any:
+    """The request handler class named by target (see the module comment for what counts),
+    or a functools.partial of one (SimpleHTTPRequestHandler with directory=, say), as
+    socketserver itself takes."""
     obj = import_target(target, reload=reload)
+    if isinstance(obj, functools.partial) and isinstance(obj.func, type):
+        if _handler_problem(obj.func) is None:
+            return functools.partial(_with_unix_peers(obj.func), *obj.args, **obj.keywords)
     problem = _handler_problem(obj)
     if problem is not None:
         hint = ""
