@@ -149,9 +149,12 @@ def load_handler(target: str, *, reload: bool = False) -> Any:
     or a functools.partial of one (SimpleHTTPRequestHandler with directory=, say), as
     socketserver itself takes."""
     obj = import_target(target, reload=reload)
-    if isinstance(obj, functools.partial) and isinstance(obj.func, type):
-        if _handler_problem(obj.func) is None:
-            return functools.partial(_with_unix_peers(obj.func), *obj.args, **obj.keywords)
+    if (
+        isinstance(obj, functools.partial)
+        and isinstance(obj.func, type)
+        and _handler_problem(obj.func) is None
+    ):
+        return functools.partial(_with_unix_peers(obj.func), *obj.args, **obj.keywords)
     problem = _handler_problem(obj)
     if problem is not None:
         hint = ""

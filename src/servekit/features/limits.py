@@ -141,7 +141,7 @@ def _pending_verdict(
     try:
         # socket.socket's own recv(): the handler's socket may have a timeout, and
         # ConnectionSocket.recv() would wait it out.
-        more = socket.socket.recv(request, limit, PEEK_NOW)
+        more = _peek(request, limit, PEEK_NOW)
         closed = not more
     except BlockingIOError:
         more, closed = b"", False
@@ -153,6 +153,10 @@ def _pending_verdict(
         # client will send: the handler reads it.
         return "ready"
     return "more"  # new bytes, and only they, wake it (edge-triggered)
+
+
+_peek = socket.socket.recv
+_peek_into = socket.socket.recv_into
 
 
 def _line_complete(data: bytes | bytearray, got: int) -> bool:
@@ -295,11 +299,13 @@ class WaitForRequest(Stage):
             buffer = getattr(self._buffers, "buffer", None)
             if buffer is None:
                 buffer = self._buffers.buffer = bytearray(_FIRST_PEEK)
-            got = request.recv_into(buffer, _FIRST_PEEK, PEEK_NOW)
+            # socket.socket's own methods: never a wait (ConnectionSocket's would wait
+            # out the handler's timeout for bytes that are not there), one call less.
+            got = _peek_into(request, buffer, _FIRST_PEEK, PEEK_NOW)
             if got and complete(buffer, got):
                 return "ready"
             if got == _FIRST_PEEK and limit > _FIRST_PEEK:
-                peeked = request.recv(limit, PEEK_NOW)
+                peeked = _peek(request, limit, PEEK_NOW)
                 got = len(peeked)
                 if complete(peeked, got):
                     return "ready"
