@@ -6,7 +6,7 @@
 # modules import it too.
 from __future__ import annotations
 
-__all__ = ["ListenerError", "RequestTooSlow", "ServekitError"]
+__all__ = ["ListenerError", "RequestTooSlow", "SendTimeout", "ServekitError"]
 
 
 class ServekitError(Exception):
@@ -28,3 +28,10 @@ class RequestTooSlow(ServekitError, TimeoutError):
     """A client sent its request slower than min_request_rate allows once
     request_timeout has passed (servekit.features.readrate). A TimeoutError, so handlers
     and servers that treat a read timeout as the client's doing keep doing so."""
+
+
+class SendTimeout(ServekitError, TimeoutError):
+    """A send waited longer than the socket's timeout for the client to take the data
+    (ConnectionSocket). A TimeoutError with socket.timeout's message, "timed out", as
+    before; its own class only so that the server can log which way the connection
+    stalled."""

@@ -516,6 +516,30 @@ def test_silent_connections_in_the_backlog_share_one_grace() -> None:
     assert took < 1.5, took
 
 
+def test_a_client_that_reads_nothing_is_logged_as_such(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler whose send waits out the socket timeout because the client reads
+    nothing: one INFO line that says so (not that the client was silent), no traceback."""
+
+    class Floods(MessageHandler):
+        def handle_one_request(self) -> None:
+            self.rfile.readline()
+            self.wfile.write(b"x" * (64 << 20))  # far more than the socket buffers
+
+    with (
+        caplog.at_level(logging.INFO, logger="servekit"),
+        LimitsPool((LOCALHOST, 0), Floods, idle_timeout=0.3) as server,
+        serving(server),
+        connect(server.server_address, TIMEOUT) as sock,
+    ):
+        sock.sendall(b"go\n")  # and never reads
+        assert wait_until(lambda: "took none of its response" in caplog.text, TIMEOUT)
+    assert "socket timeout of 0.3s; closing" in caplog.text
+    assert "silent for longer" not in caplog.text
+    assert "Traceback" not in caplog.text
+
+
 def test_drain_waits_once_for_hung_handlers(caplog: pytest.LogCaptureFixture) -> None:
     """A handler that hangs past drain_timeout delays server_close() by drain_timeout once, with a warning; daemon pool threads do not hold the process."""
     release = threading.Event()

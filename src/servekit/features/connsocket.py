@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from servekit.core.handlers import _SocketWriter
+from servekit.errors import SendTimeout
 from servekit.features.heads import HeadHolding
 from servekit.features.readrate import ReadRate
 
@@ -129,7 +130,7 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
             if not ready:
                 if limited:
                     raise self.too_slow()
-                raise TimeoutError("timed out")
+                raise TimeoutError("timed out") if event == _POLLIN else SendTimeout("timed out")
             try:
                 return call(self, *args)
             except BlockingIOError:
@@ -267,12 +268,12 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
                         raise
                 left = None if deadline is None else deadline - _monotonic()
                 if left is not None and left <= 0:
-                    raise TimeoutError("timed out")
+                    raise SendTimeout("timed out")
                 poller = select.poll()
                 poller.register(self, _POLLOUT)
                 wait = None if left is None else min(_POLL_MAX_MS, max(1, math.ceil(left * 1000)))
                 if not poller.poll(wait) and wait != _POLL_MAX_MS:
-                    raise TimeoutError("timed out")
+                    raise SendTimeout("timed out")
 
 
 class ConnectionIO(socket.SocketIO):

@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from servekit.errors import RequestTooSlow, ServekitError
+from servekit.errors import RequestTooSlow, SendTimeout, ServekitError
 from servekit.features.addresses import format_peer
 from servekit.features.connection import (
     Connection,
@@ -973,8 +973,12 @@ def report_peer_exception(connection: Connection, exc: BaseException) -> bool:
         except OSError:
             timeout = None
         log.info(
-            "%s: silent for longer than the read timeout of %ss; closing",
+            "%s: %s %ss; closing",
             format_peer(connection.client_address),
+            # A send that waited (ConnectionSocket says which) or, as a rule, a read.
+            "took none of its response for longer than the socket timeout of"
+            if isinstance(exc, SendTimeout)
+            else "silent for longer than the read timeout of",
             "?" if timeout is None else f"{timeout:g}",
         )
         return True
