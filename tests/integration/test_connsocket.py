@@ -40,15 +40,20 @@ def test_blocking_by_default_and_timeouts_are_kept(pair) -> None:
         ours.settimeout(-1)
 
 
-def test_recv_waits_for_bytes_sent_later(pair) -> None:
-    ours, peer = pair
-    ours.settimeout(5)
+def _recv_sent_later(ours: ConnectionSocket, peer: socket.socket) -> bytes:
+    """What ours.recv() returns for a line peer sends 50 ms later."""
     timer = threading.Timer(0.05, peer.sendall, (b"late\n",))
     timer.start()
     try:
-        assert ours.recv(100) == b"late\n"
+        return ours.recv(100)
     finally:
         timer.join()
+
+
+def test_recv_waits_for_bytes_sent_later(pair) -> None:
+    ours, peer = pair
+    ours.settimeout(5)
+    assert _recv_sent_later(ours, peer) == b"late\n"
 
 
 def test_recv_times_out_with_timeout_error(pair) -> None:
@@ -444,9 +449,4 @@ def test_timeouts_beyond_what_a_socket_takes_are_refused_and_long_ones_work(pair
     finally:
         plain.close()
     ours.settimeout(1e9)  # 31 years
-    timer = threading.Timer(0.05, peer.sendall, (b"late\n",))
-    timer.start()
-    try:
-        assert ours.recv(100) == b"late\n"
-    finally:
-        timer.join()
+    assert _recv_sent_later(ours, peer) == b"late\n"
