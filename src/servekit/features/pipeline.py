@@ -545,7 +545,7 @@ class ConnectionPipeline:
                     stage.fail(connection, stage.expired(connection))
                     self._close_socket(connection)
             elif connection.state is ConnectionState.PARKED:
-                if peek_ready(connection) == "ready":
+                if _bytes_arrived(connection):
                     # Not idle: its next message arrived and waits for a free thread
                     # (every one is busy; take_ready() hands it over when one is done),
                     # as a new connection would wait in the backlog. Looked at again
@@ -1020,6 +1020,22 @@ def peek_ready(connection: Connection, *, readable: bool = False) -> str:
     except OSError:
         return ""
     return "ready" if peeked else ""
+
+
+def _bytes_arrived(connection: Connection) -> bool:
+    """Whether bytes from the client wait in the kernel for a parked connection (the
+    idle sweep, on the loop's thread). Only the descriptor is looked at, never TLS's
+    state: a pool thread may take the connection meanwhile. b"" (the client closed) is
+    not a message."""
+    fd = connection.fd
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if not poller.poll(0):
+        return False  # also spares the peek below CPython's poll for a socket timeout
+    try:
+        return bool(socket.socket.recv(connection.request, 1, PEEK_NOW))
+    except OSError:
+        return False  # a reset, or closed meanwhile: nothing to serve
 
 
 # A raw readinto() that finds no bytes: None, "would block", so that peek() returns what
