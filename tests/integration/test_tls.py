@@ -343,20 +343,20 @@ def test_plaintext_http_gets_400_and_is_logged(
 def test_plaintext_clients_that_never_close_hold_no_thread(tls_certs: CertSet) -> None:
     """On a pool server the lingering close after the 400 is the loop's: three plaintext
     clients that send a request and never close, on one thread, get their 400 and do not
-    delay a real TLS client (each held the thread for a second before); the server
-    closes them after the linger."""
+    delay a real TLS client (each held the thread for a second before: about 3 s in
+    all); the server closes them after the linger."""
     with running(tls_certs, PathPage, _limits_pool_tls(), max_threads=1) as server:
         plain = [connect(server.server_address, CLIENT_TIMEOUT) for _ in range(3)]
         try:
+            started = time.monotonic()
             for sock in plain:
                 sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
             for sock in plain:
                 assert read_until(sock, b"https://\n").startswith(b"HTTP/1.1 400")
-            started = time.monotonic()
             with tls_connect(server.server_address, tls_certs.client_context()) as tls:
                 tls.sendall(b"GET /real HTTP/1.1\r\nHost: t\r\n\r\n")
                 assert read_until(tls, b"\r\n\r\n/real").startswith(b"HTTP/1.1 200")
-            assert time.monotonic() - started < 0.9
+            assert time.monotonic() - started < 1.5
             for sock in plain:
                 assert closed_by_peer(sock, CLIENT_TIMEOUT)
         finally:

@@ -818,8 +818,9 @@ class WSGIRequestHandler(MessageHandler):
                 expected = request is not None and request.expect_continue
                 if expected and (response is None or not response.headers_sent):
                     self._send(_CONTINUE)
-                    if isinstance(self.request, ReadRate):
-                        self.request.restart_reads()  # asked only now: not slow yet
+                    seconds = getattr(self.server, "request_timeout", None)
+                    if seconds is not None and isinstance(self.request, ReadRate):
+                        self.request.restart_reads(seconds)  # asked only now: not slow yet
             if not self._fill():
                 self._gone = EOFError("connection closed in the middle of the body")
                 raise ClientDisconnected("the connection closed in the middle of the body")

@@ -61,7 +61,6 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
         "_hold",
         "_read_bytes",
         "_read_rate",
-        "_read_span",
         "_read_until",
         "_wait_timeout",
     )
@@ -77,7 +76,6 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
         self._read_until: float | None = None
         self._read_rate = 0.0
         self._read_bytes = 0
-        self._read_span = 0.0
         _C.settimeout(self, 0.0)  # the descriptor: non-blocking for good
 
     # -- the timeout, as the handler sees it ---------------------------------------------

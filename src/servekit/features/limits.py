@@ -118,9 +118,11 @@ def _check_wait_mode(value: str) -> str | None:
     return None if value in WAIT_MODES else f"must be one of {', '.join(WAIT_MODES)}"
 
 
-def _tls_verdict(
+def _verdict(
     data: bytes, closed: bool, complete: Callable[[bytes, int], bool], limit: int, head: bool
 ) -> str:
+    """ready()'s answer for bytes already read from the socket: decrypted ahead (TLS), or
+    read by the handler's rfile with the last request (pending)."""
     if closed and not data:
         return ""  # closed before sending anything
     if complete(data, len(data)) or (head and len(data) >= limit) or closed:
@@ -139,22 +141,17 @@ def _pending_verdict(
     # Part of the request is in the handler's rfile already (read with the last one): it
     # and what the kernel holds make the request, which no peek alone would see.
     try:
-        # socket.socket's own recv(): the handler's socket may have a timeout, and
-        # ConnectionSocket.recv() would wait it out.
         more = _peek(request, limit, PEEK_NOW)
         closed = not more
     except BlockingIOError:
         more, closed = b"", False
     except OSError:
         return "ready"  # reset: the handler reads what it has, then the error
-    data = pending + more
-    if complete(data, len(data)) or len(data) >= limit or closed:
-        # Whole, too long for the wait (the handler's own limits answer it), or all the
-        # client will send: the handler reads it.
-        return "ready"
-    return "more"  # new bytes, and only they, wake it (edge-triggered)
+    return _verdict(pending + more, closed, complete, limit, head)
 
 
+# socket.socket's own methods for the peeks: never a wait (ConnectionSocket's would wait
+# out the handler's timeout for bytes that are not there), and one call less.
 _peek = socket.socket.recv
 _peek_into = socket.socket.recv_into
 
@@ -269,7 +266,7 @@ class WaitForRequest(Stage):
             return "ready" if pending else ""  # gone: a normal event, not worth a line
         except OSError as exc:
             return f"error before its request: {exc.strerror or exc}"
-        return _tls_verdict(pending + data, closed, complete, limit, head)
+        return _verdict(pending + data, closed, complete, limit, head)
 
     def ready(self, connection: Connection, events: int) -> str:
         """'ready', 'wait' (nothing yet), 'more' (part of a line or head), '' (the
@@ -299,8 +296,6 @@ class WaitForRequest(Stage):
             buffer = getattr(self._buffers, "buffer", None)
             if buffer is None:
                 buffer = self._buffers.buffer = bytearray(_FIRST_PEEK)
-            # socket.socket's own methods: never a wait (ConnectionSocket's would wait
-            # out the handler's timeout for bytes that are not there), one call less.
             got = _peek_into(request, buffer, _FIRST_PEEK, PEEK_NOW)
             if got and complete(buffer, got):
                 return "ready"

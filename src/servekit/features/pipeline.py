@@ -545,7 +545,9 @@ class ConnectionPipeline:
                     stage.fail(connection, stage.expired(connection))
                     self._close_socket(connection)
             elif connection.state is ConnectionState.PARKED:
-                if _bytes_arrived(connection):
+                # Only the descriptor is looked at, never TLS's state: a pool thread
+                # may take the connection meanwhile.
+                if _peek_descriptor(connection, readable=False) == "ready":
                     # Not idle: its next message arrived and waits for a free thread
                     # (every one is busy; take_ready() hands it over when one is done),
                     # as a new connection would wait in the backlog. Looked at again
@@ -1002,9 +1004,14 @@ def peek_ready(connection: Connection, *, readable: bool = False) -> str:
     socket with a timeout is polled first (with a timeout set, Python polls before
     recv() for up to that timeout, MSG_DONTWAIT or not).
     """
-    request = connection.request
-    if connection.tls is not None and request.pending():
+    if connection.tls is not None and connection.request.pending():
         return "ready"
+    return _peek_descriptor(connection, readable)
+
+
+def _peek_descriptor(connection: Connection, readable: bool) -> str:
+    """peek_ready() at the descriptor alone, without TLS's buffer."""
+    request = connection.request
     try:
         if not readable and request.gettimeout():
             fd = request.fileno()
@@ -1020,22 +1027,6 @@ def peek_ready(connection: Connection, *, readable: bool = False) -> str:
     except OSError:
         return ""
     return "ready" if peeked else ""
-
-
-def _bytes_arrived(connection: Connection) -> bool:
-    """Whether bytes from the client wait in the kernel for a parked connection (the
-    idle sweep, on the loop's thread). Only the descriptor is looked at, never TLS's
-    state: a pool thread may take the connection meanwhile. b"" (the client closed) is
-    not a message."""
-    fd = connection.fd
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    if not poller.poll(0):
-        return False  # also spares the peek below CPython's poll for a socket timeout
-    try:
-        return bool(socket.socket.recv(connection.request, 1, PEEK_NOW))
-    except OSError:
-        return False  # a reset, or closed meanwhile: nothing to serve
 
 
 # A raw readinto() that finds no bytes: None, "would block", so that peek() returns what

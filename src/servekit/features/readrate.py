@@ -21,7 +21,7 @@
 # (a handler that loops in handle() for the connection's life keeps only idle_timeout:
 # its "request" is the whole session). ReadRate is mixed into the two sockets handlers
 # get on pool servers, ConnectionSocket and TLSConnectionSocket; each counts the bytes
-# its reads return and asks read_wait() how long a wait may last.
+# its reads return and asks read_limit() how long a wait may last.
 from __future__ import annotations
 
 import time
@@ -36,8 +36,7 @@ _monotonic = time.monotonic
 
 class ReadRate:
     """Mix-in for a socket class: limit_reads() and the bookkeeping behind it. The class
-    gives every instance _read_until = None, _read_rate = 0.0, _read_bytes = 0 and
-    _read_span = 0.0."""
+    gives every instance _read_until = None, _read_rate = 0.0 and _read_bytes = 0."""
 
     if not TYPE_CHECKING:
         __slots__ = ()  # see servekit.features.heads.HeadHolding
@@ -48,8 +47,6 @@ class ReadRate:
     _read_rate: float
     #: Bytes the reads returned since limit_reads().
     _read_bytes: int
-    #: Seconds from limit_reads() to its deadline, for restart_reads().
-    _read_span: float
 
     def limit_reads(self, deadline: float | None, min_rate: float | None) -> None:
         """Bound the waits of the reads that follow: until deadline (a time.monotonic())
@@ -60,15 +57,14 @@ class ReadRate:
         else:
             self._read_until = deadline
             self._read_rate = float(min_rate)
-            self._read_span = max(0.0, deadline - _monotonic())
 
-    def restart_reads(self) -> None:
+    def restart_reads(self, seconds: float) -> None:
         """The server asks for the request body only now ("100 Continue"): a client told
-        to wait for that is not slow for having waited, so the bound starts again, as
-        long from now as it was from limit_reads(), with no bytes counted."""
+        to wait for that is not slow for having waited, so a bound in force starts again,
+        seconds (request_timeout) from now, with no bytes counted."""
         if self._read_until is not None:
             self._read_bytes = 0
-            self._read_until = _monotonic() + self._read_span
+            self._read_until = _monotonic() + seconds
 
     def read_limit(self) -> float | None:
         """The time.monotonic() past which a read must not wait, or None."""

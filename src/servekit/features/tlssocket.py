@@ -47,7 +47,6 @@ class TLSConnectionSocket(HeadHolding, ReadRate, ssl.SSLSocket):
     _read_until: float | None = None
     _read_rate = 0.0
     _read_bytes = 0
-    _read_span = 0.0
 
     def read_ahead(self, limit: int) -> tuple[bytes, bool]:
         """Decrypt what has arrived, up to limit bytes in all, without waiting; keep it
