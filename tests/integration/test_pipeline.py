@@ -713,3 +713,105 @@ def test_keep_alive_connections_are_served_by_threads_without_the_loop() -> None
         finally:
             for sock in clients:
                 sock.close()
+
+
+# -- epoll registrations -----------------------------------------------------------------
+
+
+def _epoll_targets(epoll: object) -> set[int]:
+    """The descriptors an epoll set watches, as Linux lists them in /proc."""
+    with open(f"/proc/self/fdinfo/{epoll.fileno()}") as info:  # type: ignore[attr-defined]
+        return {int(line.split()[1]) for line in info if line.startswith("tfd:")}
+
+
+class _CountingEpoll:
+    """An epoll set that counts unregister() calls and passes everything on."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+        self.unregisters = 0
+
+    def unregister(self, fd: int) -> None:
+        self.unregisters += 1
+        self.real.unregister(fd)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+def test_a_request_there_at_accept_is_served_without_arming_the_loop() -> None:
+    """The first stage is tried at accept: a connection whose line came with it is never
+    registered in the loop's epoll set; one whose line comes later waits there armed."""
+    masks: list[int] = []
+
+    class Recording(MessageHandler):
+        def handle_one_request(self) -> None:
+            connection = current_connection()
+            assert connection is not None
+            masks.append(connection.loop_mask)
+            self.wfile.write(self.rfile.readline())
+            self.close_connection = True
+
+    with LimitsPool((LOCALHOST, 0), Recording, max_threads=2) as server:
+        # Accepted by the kernel and its line queued before the loop runs: both are there
+        # when the loop calls accept().
+        early = connect(server.server_address, TIMEOUT)
+        early.sendall(b"early\n")
+        with early, serving(server):
+            assert read_until(early, b"\n") == b"early\n"
+            with connect(server.server_address, TIMEOUT) as late:
+                assert wait_until(lambda: server.waiting_connections == 1, TIMEOUT)
+                assert exchange_line(late, b"late\n") == b"late\n"
+    assert masks[0] == 0  # never registered
+    assert masks[1] & select.EPOLLIN == 0 and masks[1] != 0  # registered, its event spent
+
+
+def test_the_usual_close_needs_no_epoll_call_and_leaves_nothing_registered() -> None:
+    """A connection that sends a line and closes is closed without epoll_ctl(DEL): its
+    one-shot registrations were spent, and closing the socket removes them."""
+    with LimitsPool((LOCALHOST, 0), EchoHandler, max_threads=2) as server, serving(server):
+        with connect(server.server_address, TIMEOUT) as sock:
+            assert exchange_line(sock, b"first\n") == b"first\n"
+        pipeline = server.pipeline
+        assert pipeline is not None
+        assert wait_until(lambda: not pipeline.connections, TIMEOUT)
+        loop_set, parking = _CountingEpoll(pipeline.epoll), _CountingEpoll(pipeline.parking)
+        pipeline.epoll, pipeline.parking = loop_set, parking  # type: ignore[assignment]
+        for _ in range(20):
+            with connect(server.server_address, TIMEOUT) as sock:
+                assert exchange_line(sock, b"hi\n") == b"hi\n"
+        assert wait_until(lambda: not pipeline.connections, TIMEOUT)
+        assert loop_set.unregisters == parking.unregisters == 0
+        assert not _epoll_targets(loop_set.real)
+        assert len(_epoll_targets(parking.real)) == 1  # the wake-up eventfd only
+
+
+def test_a_parked_connection_closed_while_its_descriptor_is_copied_leaves_no_registration() -> None:
+    """The idle sweep closes a parked connection, armed in the parking set, while a copy
+    of its descriptor lives on (as in a child forked meanwhile): the registration is
+    removed, not left armed to report the copy's bytes under a number the kernel may
+    give to the next connection."""
+    copies: list[socket.socket] = []
+    fds: list[int] = []
+
+    class Copying(MessageHandler):
+        def handle_one_request(self) -> None:
+            connection = current_connection()
+            assert connection is not None
+            fds.append(connection.fd)
+            copies.append(self.request.dup())
+            self.wfile.write(self.rfile.readline())
+
+    try:
+        with LimitsPool((LOCALHOST, 0), Copying, idle_timeout=0.3) as server, serving(server):
+            with connect(server.server_address, TIMEOUT) as sock:
+                assert exchange_line(sock, b"hi\n") == b"hi\n"
+                pipeline = server.pipeline
+                assert pipeline is not None
+                assert wait_until(lambda: fds[0] in _epoll_targets(pipeline.parking), TIMEOUT)
+                assert closed_by_peer(sock, TIMEOUT)  # closed by the sweep
+                assert wait_until(lambda: not pipeline.connections, TIMEOUT)
+                assert fds[0] not in _epoll_targets(pipeline.parking)
+    finally:
+        for copy in copies:
+            copy.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import socket
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from servekit.core.kinds import TCP_FAMILIES, family_of
 
@@ -92,7 +92,9 @@ class StreamRequestHandler(BaseRequestHandler):
         if self.disable_nagle_algorithm and family_of(self.connection) in TCP_FAMILIES:
             # TCP only: on a Unix socket setsockopt() fails, and there is no Nagle there.
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        self.rfile = cast(io.BufferedIOBase, self.connection.makefile("rb", self.rbufsize))
+        # A BufferedReader (BufferedWriter below) for these modes; typeshed's overloads say
+        # IOBase for a buffering that is not a literal. Not cast(): a call per connection.
+        self.rfile = self.connection.makefile("rb", self.rbufsize)  # type: ignore[assignment]
         if self.wbufsize == 0:
             # A socket class may bring its own unbuffered writer, with the same contract
             # (servekit's ConnectionSocket does, to save a call per write); any other
@@ -100,7 +102,7 @@ class StreamRequestHandler(BaseRequestHandler):
             writer = getattr(self.connection, "unbuffered_writer", None)
             self.wfile = _SocketWriter(self.connection) if writer is None else writer()
         else:
-            self.wfile = cast(io.BufferedIOBase, self.connection.makefile("wb", self.wbufsize))
+            self.wfile = self.connection.makefile("wb", self.wbufsize)  # type: ignore[assignment]
 
     def finish(self) -> None:
         if not self.wfile.closed:

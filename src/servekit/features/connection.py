@@ -69,9 +69,10 @@ class Connection:
         "fd",
         "handler",
         "handler_factory",
+        "loop_mask",
         "messages",
         "outcome",
-        "parking_armed",
+        "parking_mask",
         "peer",
         "probe",
         "probed",
@@ -128,8 +129,10 @@ class Connection:
         self.timeout: float | None = None
         #: True while registered edge-triggered without one-shot (a partial line waits).
         self.waiting_armed = False
-        #: Registered in the pipeline's parking set (from its first parking on).
-        self.parking_armed = False
+        #: The events it is armed for in the pipeline's preamble set and in its parking
+        #: set; 0 while not registered there (see ConnectionPipeline._remove()).
+        self.loop_mask = 0
+        self.parking_mask = 0
         #: The handler's rfile as last seen between messages, and how to look into its
         #: buffer (servekit.features.pipeline.message_buffered()).
         self.probed: Any = None

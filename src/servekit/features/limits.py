@@ -200,11 +200,6 @@ class WaitForRequest(Stage):
         self._buffers = threading.local()
 
     @property
-    def reads_first(self) -> bool:  # type: ignore[override]
-        # Armed for readability at accept, unless the handler speaks first.
-        return self.mode_now() != "none"
-
-    @property
     def each_message(self) -> bool:  # type: ignore[override]
         # A whole HTTP head is awaited before every request of a keep-alive connection,
         # not only the first: a peek per request is little next to what an HTTP request
@@ -420,7 +415,7 @@ class LimitsMixIn(ServerFeature):
         return stages
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if self._is_stream():
+        if self.socket_type == socket.SOCK_STREAM:  # _is_stream(), inlined: per connection
             # Counted here, on the loop's thread, before anything else can accept:
             # the cap holds exactly.
             counter = self._limits
@@ -457,7 +452,11 @@ class LimitsMixIn(ServerFeature):
             request.limit_reads(deadline, self.min_request_rate)
 
     def connection_closed(self, connection: Connection) -> None:
-        self._forget(connection.sock)
+        if id(connection.sock) in self._limits.open:
+            # Counted by the socket accept() returned. Usually shutdown_request() forgot
+            # it already; not if the handler got another object (TLS: the SSLSocket),
+            # or an override of shutdown_request() did not reach ours.
+            self._forget(connection.sock)
         super().connection_closed(connection)
 
     def shutdown_request(self, request: Any) -> None:

@@ -615,7 +615,13 @@ class ThreadPoolMixIn(ServerFeature):
             and self.state is ServerState.SERVING
             and self.on_loop_thread
         ):
-            self._pipeline_here().admit(request, client_address)
+            # This process's pipeline, looked up without _pipeline_here()'s two calls
+            # once it exists (a call saved here is saved on every connection).
+            runtime = getattr(self, "_runtime", None)
+            if runtime is None or runtime.forks != forks.count or runtime.pipeline is None:
+                self._pipeline_here().admit(request, client_address)
+            else:
+                runtime.pipeline.admit(request, client_address)
         else:
             self.pool.submit(self.process_request_thread, request, client_address)
 

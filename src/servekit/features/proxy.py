@@ -459,7 +459,6 @@ class ProxyHeaderStage(Stage):
     """The PROXY header as a pipeline stage: read in the loop, without blocking."""
 
     name = "proxy"
-    reads_first = True
 
     def __init__(self, server: ProxyProtocolMixIn) -> None:
         self.server = server

@@ -476,7 +476,6 @@ class TLSHandshake(Stage):
     """The TLS handshake as a pipeline stage: non-blocking, its steps on a pool thread."""
 
     name = "tls"
-    reads_first = True
     offload = True
 
     def __init__(self, server: TLSMixIn) -> None:
