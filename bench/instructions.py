@@ -7,7 +7,9 @@
 # counted), the same from run to run within about 1 %. Each contender is run under it
 # twice, serving N and 2N messages from the same clients (16 keep-alive connections);
 # the difference divided by N is the cost of one message, without start-up and
-# connection set-up. Clients are plain Python in this process, outside valgrind.
+# connection set-up. In the churn scenario a message is a whole connection (16 clients
+# that each connect, send a line, read it back and close, over and over), set-up
+# included. Clients are plain Python in this process, outside valgrind.
 #
 #   python bench/instructions.py            # about 3 minutes; needs valgrind (apt)
 #
@@ -48,6 +50,15 @@ SCENARIOS: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
                                        "--workers", "1", "--threads", "8"]),
         ],
     ),
+    "connection churn: connect, one line, close (per connection)": (
+        "churn",
+        [
+            ("stdlib ThreadingTCPServer", [str(SERVERS / "stdlib_threading_1024.py"),
+                                           "--port", "0"]),
+            ("servekit echo (1 x 8)", ["-m", "servekit", "echo", "--bind", "127.0.0.1:0",
+                                       "--workers", "1", "--threads", "8"]),
+        ],
+    ),
     "SimpleHTTPRequestHandler, keep-alive GET of 1 KiB": (
         "http",
         [
@@ -65,6 +76,13 @@ def clients(kind: str, port: int, total: int) -> None:
     """total round trips over CONNECTIONS connections at once; each socket op bounded."""
 
     def one(count: int) -> None:
+        if kind == "churn":  # a message is a connection: the whole of its life
+            for i in range(count):
+                with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+                    sock.sendall(b"message %d\n" % i)
+                    with sock.makefile("rb") as reader:
+                        reader.readline()
+            return
         with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
             reader = sock.makefile("rb")
             for i in range(count):

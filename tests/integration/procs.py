@@ -110,7 +110,13 @@ class ServerProcess:
             children = psutil.Process(self.pid).children()
         except psutil.NoSuchProcess:
             return []
-        pids = [c.pid for c in children if c.status() != psutil.STATUS_ZOMBIE]
+        pids = []
+        for child in children:
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    pids.append(child.pid)
+            except psutil.NoSuchProcess:
+                pass  # a worker that exited (retired) since children() listed it
         self.seen_pids.update(pids)
         return pids
 

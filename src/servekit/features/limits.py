@@ -29,6 +29,7 @@
 # and resumes when one closes, so it never accepts a connection only to drop it.
 from __future__ import annotations
 
+import functools
 import logging
 import select
 import socket
@@ -409,7 +410,8 @@ class LimitsMixIn(ServerFeature):
                     self.wait_for_request,
                     self.request_timeout,
                     self.max_line_length,
-                    lambda: self.RequestHandlerClass,
+                    # A C callable, not a lambda: called per connection.
+                    functools.partial(getattr, self, "RequestHandlerClass"),
                 )
             )
         return stages

@@ -64,7 +64,6 @@ from servekit.features.connection import (
     ConnectionState,
     _local,
     _set_current,
-    current_connection,
 )
 from servekit.features.connsocket import ConnectionIO, ConnectionSocket
 from servekit.features.heads import HeadHolding
@@ -265,7 +264,7 @@ def _parkable_class(cls: type, initial: bool) -> type:
         # Only now: if the first message raised, the constructor's own finish() ran
         # for real and the pipeline must not call it again.
         self._servekit_deferred = True
-        connection = current_connection()
+        connection = getattr(_local, "connection", None)  # current_connection(), inlined
         if connection is not None:
             connection.handler = self
 
@@ -299,11 +298,6 @@ def parkable_factory(factory: Any) -> Any:
         initial = message_loop_of(factory)
         return None if initial is None else _parkable_class(factory, initial)
     return None
-
-
-def _finish_handler(handler: Any) -> None:
-    handler._servekit_deferred = False
-    handler.finish()
 
 
 class ConnectionPipeline:
@@ -834,8 +828,14 @@ class ConnectionPipeline:
         return False
 
     def _remove(self, connection: Connection) -> bool:
-        if not self._claim(connection):
+        # _claim(), inlined: once per connection.
+        current = self.connections.pop(connection.fd, None)
+        if current is not connection:
+            if current is not None:
+                # A newer connection on a descriptor number the kernel reused: not ours.
+                self.connections.setdefault(connection.fd, current)
             return False
+        connection.state = ConnectionState.CLOSED
         # Only a registration that may still report an event is removed: closing the
         # socket removes the others (a spent one-shot stays silent even while a forked
         # child holds a copy of the descriptor). On the usual path -- an event, the
@@ -857,7 +857,8 @@ class ConnectionPipeline:
                     # Not on a pool thread: the socket must not block us (whatever was
                     # left unflushed cannot be delivered to a client that left anyway).
                     connection.request.setblocking(False)
-                _finish_handler(handler)
+                handler._servekit_deferred = False  # _finish_handler(), inlined
+                handler.finish()
             except Exception:
                 self.server.handle_error(connection.request, connection.client_address)
         try:

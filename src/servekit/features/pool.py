@@ -213,7 +213,10 @@ class WorkerPool:
         with self._lock:
             if self._closing:
                 raise RuntimeError("the pool is shut down")
-            self._begin_locked()
+            # _begin_locked(), inlined: once per connection.
+            self._busy += 1
+            if self._busy == self.max_threads and self._on_saturated is not None:
+                self._on_saturated()
             self._queue.append((fn, args))
             if self._searching == 0:
                 self._wake_one_locked()
