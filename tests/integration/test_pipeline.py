@@ -815,3 +815,80 @@ def test_a_parked_connection_closed_while_its_descriptor_is_copied_leaves_no_reg
     finally:
         for copy in copies:
             copy.close()
+
+
+# -- a last line without a newline -------------------------------------------------------
+
+
+def _send_and_close(sock: socket.socket, data: bytes) -> bytes:
+    """Send data, close the sending side, and read what comes back until EOF."""
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+    return read_until(sock, b"\0")  # until EOF: nothing here ends with NUL
+
+
+def test_a_last_line_without_newline_is_served_when_the_client_closes() -> None:
+    """A client that sends part of a line and closes its side has sent its last line:
+    the handler gets it at once (and then EOF), as with the stdlib, instead of the
+    connection waiting in the loop for a newline until request_timeout. Both when the
+    bytes and the close came before accept() and when they come after."""
+    with LimitsPool((LOCALHOST, 0), EchoHandler, request_timeout=30) as server:
+        early = connect(server.server_address, TIMEOUT)
+        early.sendall(b"early")
+        early.shutdown(socket.SHUT_WR)
+        with early, serving(server):
+            started = time.monotonic()
+            assert read_until(early, b"\0") == b"early"
+            with connect(server.server_address, TIMEOUT) as late:
+                assert wait_until(lambda: server.waiting_connections == 1, TIMEOUT)
+                late.sendall(b"la")
+                pipeline = server.pipeline
+                assert pipeline is not None
+                # Waiting for the rest of the line, edge-triggered.
+                assert wait_until(
+                    lambda: any(c.waiting_armed for c in list(pipeline.connections.values())),
+                    TIMEOUT,
+                )
+                assert _send_and_close(late, b"te") == b"late"
+            assert time.monotonic() - started < 5  # not request_timeout (30 s)
+
+
+class BlockingLimits(LimitsMixIn, servekit.ThreadingMixIn, servekit.TCPServer):
+    """Stages run blocking on the handler's thread (no pipeline)."""
+
+    daemon_threads = True
+
+
+def test_blocking_stages_serve_a_last_line_and_do_not_spin_on_a_partial_one() -> None:
+    """Without the pipeline, the request wait on the handler's thread also serves a last
+    line without a newline at once, and waits for the rest of a partial line without
+    looking again and again: registering an edge-triggered set reports the bytes
+    already queued, and waiting right after registering returned at once, every time."""
+    with BlockingLimits((LOCALHOST, 0), EchoHandler, request_timeout=30) as server:
+        with serving(server):
+            with connect(server.server_address, TIMEOUT) as sock:
+                started = time.monotonic()
+                assert _send_and_close(sock, b"last") == b"last"
+                assert time.monotonic() - started < 5
+            steps = 0
+            stage_class = type(server.connection_stages()[-1])
+            real_step = stage_class.step
+
+            def counted(self: object, connection: object) -> object:
+                nonlocal steps
+                steps += 1
+                return real_step(self, connection)  # type: ignore[arg-type]
+
+            stage_class.step = counted  # type: ignore[method-assign]
+            try:
+                with connect(server.server_address, TIMEOUT) as sock:
+                    sock.sendall(b"par")
+                    assert wait_until(lambda: steps >= 1, TIMEOUT)
+                    # A trickle of 5 more bytes: a step for each, not a loop meanwhile.
+                    for byte in b"tial":
+                        sock.sendall(bytes([byte]))
+                        time.sleep(0.05)  # the trickle itself: bytes apart in time
+                    assert exchange_line(sock, b"\n") == b"partial\n"
+            finally:
+                stage_class.step = real_step  # type: ignore[method-assign]
+            assert steps <= 12, steps

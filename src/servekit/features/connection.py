@@ -66,6 +66,7 @@ class Connection:
         "closing",
         "deadline",
         "deadline_reason",
+        "events",
         "fd",
         "handler",
         "handler_factory",
@@ -127,6 +128,10 @@ class Connection:
         self.closing = False
         #: The socket timeout the handler starts with (the accepted socket's own).
         self.timeout: float | None = None
+        #: The epoll events that last woke it (0 before any: a stage tried at accept).
+        #: A stage can tell from them that the client closed its side (EPOLLRDHUP),
+        #: which no peek shows while bytes are queued.
+        self.events = 0
         #: True while registered edge-triggered without one-shot (a partial line waits).
         self.waiting_armed = False
         #: The events it is armed for in the pipeline's preamble set and in its parking

@@ -230,7 +230,9 @@ class WaitForRequest(Stage):
         return self._reason
 
     def step(self, connection: Connection) -> Step:
-        verdict = self.ready(connection, 0)
+        # The events that woke the connection tell a client that closed after part of a
+        # line (its last line, without a newline) from one still sending it.
+        verdict = self.ready(connection, connection.events)
         if verdict == "ready":
             return Step.DONE
         if verdict == "wait":

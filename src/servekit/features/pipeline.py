@@ -195,6 +195,7 @@ def run_stages_blocking(
     sock = connection.request
     previous = sock.gettimeout()
     sock.setblocking(False)
+    waiter: Any = None  # for Step.MORE: an edge-triggered epoll set, made on first use
     try:
         for index, stage in enumerate(stages):
             connection.stage = index
@@ -228,24 +229,35 @@ def run_stages_blocking(
                         return False
                     remaining = cap if remaining is None else min(remaining, cap)
                 if step is Step.MORE:
-                    _wait_for_more(sock, remaining)
+                    if waiter is None:
+                        # Registering reports the bytes queued now, once: that report is
+                        # taken here and the step runs again (bytes that came meanwhile
+                        # are in its peek), and from then on the set reports only bytes
+                        # that arrive later, or the client closing. Waiting right after
+                        # registering would return at once, every time: a busy loop
+                        # until the deadline for a client that sent part of a line.
+                        waiter = select.epoll(1)
+                        waiter.register(sock.fileno(), _IN | select.EPOLLET)
+                        connection.events = _poll_events(waiter, 0)
+                        continue
+                    connection.events = _poll_events(waiter, remaining)
                 else:
                     want = ([sock], []) if step is Step.READ else ([], [sock])
                     select.select(want[0], want[1], [], remaining)
         connection.stage = len(stages)
         return True
     finally:
+        if waiter is not None:
+            waiter.close()
         connection.deadline = None
         if connection.request.fileno() != -1:
             connection.request.settimeout(previous)
 
 
-def _wait_for_more(sock: Any, timeout: float | None) -> None:
-    # select() would report the queued bytes at once, every time; an edge-triggered
-    # epoll reports only bytes that arrive from now on (or the peer closing).
-    with select.epoll(1) as waiter:
-        waiter.register(sock.fileno(), _IN | select.EPOLLET)
-        waiter.poll(-1 if timeout is None else timeout)
+def _poll_events(waiter: Any, timeout: float | None) -> int:
+    """The events of waiter's one descriptor within timeout (None: no limit), or 0."""
+    ready = waiter.poll(-1 if timeout is None else timeout, 1)
+    return ready[0][1] if ready else 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -399,10 +411,11 @@ class ConnectionPipeline:
     def on_ready(self) -> None:
         """The epoll set is readable: move each ready connection on (loop thread)."""
         connections = self.connections
-        for fd, _events in self.epoll.poll(0, _MAX_EVENTS):
+        for fd, events in self.epoll.poll(0, _MAX_EVENTS):
             connection = connections.get(fd)
             if connection is None or connection.state is not ConnectionState.PREAMBLE:
                 continue
+            connection.events = events
             if connection.loop_mask & _ONESHOT:
                 connection.loop_mask = _SPENT  # its one event, delivered
             if self.stages[connection.stage].offload or self._advance(connection, on_loop=True):
@@ -494,6 +507,7 @@ class ConnectionPipeline:
             # makes itself non-blocking.
             self._enter(connection, index)
             connection.state = ConnectionState.PREAMBLE
+            connection.events = events
             if self._advance(connection, on_loop=False):
                 connection.state = _HANDLING
                 self._handle(connection)
