@@ -4,7 +4,9 @@
 # Strategy. Wall-clock figures on this shared 2-CPU VM drift by up to 2x from one
 # minute to the next, which hides any change smaller than that. valgrind's callgrind
 # counts the instructions a process executes (user space; the kernel's work is not
-# counted), the same from run to run within about 1 %. Each contender is run under it
+# counted), the same from run to run within a few per cent (1 to 6 % between runs of
+# the same code here: how many messages a thread serves per wake-up still depends on
+# timing, even under valgrind). Each contender is run under it
 # twice, serving N and 2N messages from the same clients (16 keep-alive connections);
 # the difference divided by N is the cost of one message, without start-up and
 # connection set-up. In the churn scenario a message is a whole connection (16 clients
