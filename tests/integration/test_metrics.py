@@ -88,9 +88,10 @@ def test_counts_connections_messages_and_outcomes() -> None:
         assert metric(server, "servekit_handler_errors_total") == 0
 
 
-def test_handler_duration_leaves_out_the_wait_between_messages() -> None:
-    """A keep-alive client that thinks 0.4 s between two lines: the two handler durations add up to far less than that, since the connection waited parked, not in the handler."""
-    with make() as server, serving(server):
+@pytest.mark.parametrize("idle_timeout", [300.0, None])
+def test_handler_duration_leaves_out_the_wait_between_messages(idle_timeout: float | None) -> None:
+    """A keep-alive client that thinks 0.4 s between two lines: the two handler durations add up to far less than that, since the connection waited parked, not in the handler. Also without an idle timeout (the end of a message is on the record, not guessed from the parked connection's deadline)."""
+    with make(idle_timeout=idle_timeout) as server, serving(server):
         with connect(server.server_address, TIMEOUT) as sock:
             assert exchange_line(sock, b"one\n") == b"one\n"
             assert wait_until(lambda: server.parked_connections == 1)

@@ -71,6 +71,7 @@ class Connection:
         "handler",
         "handler_factory",
         "loop_mask",
+        "message_ended",
         "messages",
         "outcome",
         "parking_mask",
@@ -122,6 +123,10 @@ class Connection:
         self.handler_factory: Any = None
         #: Messages handled so far (1 after the first handle_one_request()).
         self.messages = 0
+        #: time.monotonic() when the handler last returned from a message (None: not
+        #: yet), so that what comes after -- parked, waiting for the next -- is not
+        #: counted as the handler's time (servekit_handler_duration_seconds).
+        self.message_ended: float | None = None
         #: How it ended, for metrics and access logs (see OUTCOMES); set before close.
         self.outcome = "done"
         #: True once the loop decided to close it (server stopping): no more parking.

@@ -169,13 +169,11 @@ class MetricsTable:
 class _Live:
     """What the metrics keep per open connection (the record itself has no room)."""
 
-    __slots__ = ("deadline", "listener", "started")
+    __slots__ = ("listener", "started")
 
     def __init__(self, listener: str) -> None:
         #: time.monotonic() at which the current message started (None: none yet).
         self.started: float | None = None
-        #: connection.deadline when it started, to tell whether it parked since.
-        self.deadline: float | None = None
         self.listener = listener
 
 
@@ -188,7 +186,6 @@ class _Recorder:
         "counting",
         "forks",
         "gauges_due",
-        "idle_timeout",
         "live",
         "lock",
         "stopping",
@@ -203,8 +200,6 @@ class _Recorder:
         #: or collect_metrics), since per-message counting costs a few microseconds a
         #: message. The shutdown's tallies and the access log do not depend on it.
         self.counting = counting
-        #: The pipeline's idle_timeout once known (for _message_end); None before.
-        self.idle_timeout: float | None = None
         self.view = view
         self.base = slot * F.count
         # Within a process several threads count at once, and `view[i] += 1` is a read
@@ -411,9 +406,6 @@ class MetricsMixIn(ServerFeature):
             recorder.set(F["idle"], pool.idle)
             recorder.set(F["threads"], pool.size)
             recorder.set(F["max_threads"], pool.max_threads)
-        pipeline = getattr(self, "pipeline", None)
-        if pipeline is not None:
-            recorder.idle_timeout = pipeline.idle_timeout
 
     # -- counting through the hooks -----------------------------------------------------
     #
@@ -462,9 +454,8 @@ class MetricsMixIn(ServerFeature):
         if live is not None:
             now = _monotonic()
             if live.started is not None:
-                ended = _message_end(recorder, connection, live, now) - live.started
+                ended = _message_end(connection, live, now) - live.started
             live.started = now
-            live.deadline = connection.deadline
         with recorder.lock:
             recorder.view[recorder.base + _MESSAGES] += 1
             if ended is not None:
@@ -484,7 +475,7 @@ class MetricsMixIn(ServerFeature):
         live = recorder.live.pop(id(connection), None)
         ended = None
         if live is not None and live.started is not None:
-            ended = _message_end(recorder, connection, live, now) - live.started
+            ended = _message_end(connection, live, now) - live.started
         outcome = connection.outcome
         if recorder.counting:
             with recorder.lock:
@@ -684,23 +675,14 @@ class MetricsMixIn(ServerFeature):
         return exposition(self.metric_families())
 
 
-def _message_end(recorder: _Recorder, connection: Connection, live: _Live, now: float) -> float:
-    """When the message that started at live.started ended: now, or, if the connection
-    was parked in between, the moment it was parked.
-
-    An approximation from the record: parking sets the connection's deadline to the
-    pipeline's idle_timeout from then, with the reason "idle", and nothing else changes
-    it until the next message starts. Without an idle timeout a parked connection has
-    no deadline, and its wait counts as handler time.
-    """
-    deadline = connection.deadline
-    if deadline is None or deadline == live.deadline or connection.deadline_reason != "idle":
+def _message_end(connection: Connection, live: _Live, now: float) -> float:
+    """When the message that started at live.started ended: when its handler returned
+    (Connection.message_ended, set by the pipeline), else now (it raised, or the handler
+    loops in handle() and the connection is its one message)."""
+    ended = connection.message_ended
+    if ended is None or live.started is None or ended < live.started:
         return now
-    idle = recorder.idle_timeout
-    if idle is None or live.started is None:
-        return now
-    parked_at = deadline - idle
-    return parked_at if parked_at >= live.started else now
+    return ended
 
 
 def _summary(backlog: int, idle: int, still: int) -> str:
@@ -823,7 +805,7 @@ def _families(totals: list[int], gauges: list[int], supervisor: Any) -> list[Fam
             "servekit_handler_duration_seconds",
             "histogram",
             "Time a handler spent on one message or datagram (a keep-alive connection's "
-            "wait between messages left out when idle_timeout is set).",
+            "wait between messages left out).",
             buckets,
         )
     )

@@ -747,6 +747,7 @@ class ConnectionPipeline:
                     connection.outcome = "error"
                     self._close(connection, "")
                     raise
+                connection.message_ended = _monotonic()
                 if handler.close_connection or connection.closing or self.closing:
                     self._close(connection, "")
                     return
