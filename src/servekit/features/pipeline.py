@@ -143,11 +143,13 @@ class StageError(ServekitError):
 class Stage:
     """One preamble step of a connection, driven without blocking. Subclass it.
 
-    step() is called when the stage starts and whenever the socket becomes ready for
-    what it asked; it must not block, and returns Step.READ / Step.WRITE to wait or
-    Step.DONE. A failure raises StageError, which fail() reports. Stages run on the
-    loop's thread unless ``offload`` is true (CPU-heavy steps: the TLS handshake's
-    crypto), in which case each step runs on a pool thread.
+    step() is called when the stage starts (for the first stage: at accept, before
+    any wait) and whenever the socket becomes ready for what it asked, with the epoll
+    events that woke it in ``connection.events``; it must not block, and returns
+    Step.READ / Step.WRITE / Step.MORE to wait or Step.DONE. A failure raises
+    StageError, which fail() reports. Stages run on the loop's thread unless
+    ``offload`` is true (CPU-heavy steps: the TLS handshake's crypto), in which case
+    each step runs on a pool thread.
     """
 
     #: Short name for logs and docs ("proxy", "tls", "wait").
