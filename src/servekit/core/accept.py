@@ -48,15 +48,12 @@ class AcceptBackoff:
     Not thread-safe: only the serving loop touches it.
     """
 
-    __slots__ = ("_delay", "_last_log", "_suppressed", "active", "resume_at")
+    __slots__ = ("_delay", "_last_log", "_suppressed", "resume_at")
 
     def __init__(self) -> None:
         self._delay = 0.0
         self._last_log = float("-inf")
         self._suppressed = 0
-        #: True from a resource failure until the next successful accept. An attribute,
-        #: not a property: the loop reads it after every accept.
-        self.active = False
         #: monotonic time before which the listener must not be polled, or None.
         self.resume_at: float | None = None
 
@@ -68,7 +65,6 @@ class AcceptBackoff:
         """Record a resource failure; return the delay before the next attempt."""
         now = time.monotonic() if now is None else now
         self._delay = BACKOFF_MIN if self._delay == 0.0 else min(self._delay * 2, BACKOFF_MAX)
-        self.active = True
         self.resume_at = now + self._delay
         if now - self._last_log >= LOG_INTERVAL:
             more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
@@ -84,11 +80,15 @@ class AcceptBackoff:
             self._suppressed += 1
         return self._delay
 
+    @property
+    def active(self) -> bool:
+        """True from a resource failure until the next successful accept."""
+        return self._delay != 0.0
+
     def succeeded(self) -> None:
         if self._delay:
             log.info("accept() recovered after resource exhaustion")
         self._delay = 0.0
-        self.active = False
         self.resume_at = None
 
     def paused(self, now: float | None = None) -> bool:

@@ -35,7 +35,7 @@ import socket
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from servekit.features.admission import refuse_new_connections
-from servekit.features.connection import Connection, _local, _set_current
+from servekit.features.connection import Connection, _set_current, current_connection
 from servekit.features.pipeline import (
     Stage,
     outcome_of,
@@ -120,7 +120,7 @@ class ServerFeature(Configurable, _MixinBase):
         if self.socket_type != socket.SOCK_STREAM:
             super().finish_request(request, client_address)
             return
-        connection = getattr(_local, "connection", None)  # current_connection(), inlined
+        connection = current_connection()
         if connection is not None:
             factory = connection.handler_factory
             if factory is not None:

@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import enum
+import select
 import socket
 import threading
 import time
@@ -57,6 +58,11 @@ class ConnectionState(enum.Enum):
     CLOSED = "closed"
 
 
+#: The loop-set mask of a connection waiting for the rest of a line or head: readable,
+#: edge-triggered, without one-shot (new bytes wake it, the queued ones do not).
+WAIT_MORE_MASK = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+
+
 class Connection:
     """One accepted stream connection, from accept() to close."""
 
@@ -87,7 +93,6 @@ class Connection:
         "state",
         "timeout",
         "tls",
-        "waiting_armed",
     )
 
     def __init__(self, sock: socket.socket, peer: Any) -> None:
@@ -137,8 +142,6 @@ class Connection:
         #: A stage can tell from them that the client closed its side (EPOLLRDHUP),
         #: which no peek shows while bytes are queued.
         self.events = 0
-        #: True while registered edge-triggered without one-shot (a partial line waits).
-        self.waiting_armed = False
         #: The events it is armed for in the pipeline's preamble set and in its parking
         #: set; 0 while not registered there (see ConnectionPipeline._remove()).
         self.loop_mask = 0
@@ -153,6 +156,11 @@ class Connection:
             f"<Connection fd={self.fd} {self.state.value} peer={self.peer!r} "
             f"messages={self.messages}>"
         )
+
+    @property
+    def waiting_armed(self) -> bool:
+        """Armed in the loop's set for more bytes of a partial line or head."""
+        return self.loop_mask == WAIT_MORE_MASK
 
     @property
     def is_tls(self) -> bool:

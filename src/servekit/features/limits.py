@@ -419,7 +419,7 @@ class LimitsMixIn(ServerFeature):
         return stages
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if self.socket_type == socket.SOCK_STREAM:  # _is_stream(), inlined: per connection
+        if self._is_stream():
             # Counted here, on the loop's thread, before anything else can accept:
             # the cap holds exactly.
             counter = self._limits

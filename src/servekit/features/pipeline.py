@@ -60,10 +60,12 @@ from typing import Any
 from servekit.errors import RequestTooSlow, SendTimeout, ServekitError
 from servekit.features.addresses import format_peer
 from servekit.features.connection import (
+    WAIT_MORE_MASK,
     Connection,
     ConnectionState,
     _local,
     _set_current,
+    current_connection,
 )
 from servekit.features.connsocket import ConnectionIO, ConnectionSocket
 from servekit.features.heads import HeadHolding
@@ -278,7 +280,7 @@ def _parkable_class(cls: type, initial: bool) -> type:
         # Only now: if the first message raised, the constructor's own finish() ran
         # for real and the pipeline must not call it again.
         self._servekit_deferred = True
-        connection = getattr(_local, "connection", None)  # current_connection(), inlined
+        connection = current_connection()
         if connection is not None:
             connection.handler = self
 
@@ -594,10 +596,7 @@ class ConnectionPipeline:
         connection.stage = index
         if index < len(self.stages):
             stage = self.stages[index]
-            seconds = stage.timeout()
-            # Connection.set_deadline(), inlined: once per connection and stage.
-            connection.deadline = None if seconds is None else _monotonic() + seconds
-            connection.deadline_reason = stage.timeout_reason()
+            connection.set_deadline(stage.timeout(), stage.timeout_reason())
         else:
             connection.deadline = None
 
@@ -638,11 +637,10 @@ class ConnectionPipeline:
         if step is Step.WRITE:
             self._modify(connection, select.EPOLLOUT | _ARM_ONCE)
         elif step is Step.MORE:
-            if not connection.waiting_armed:
+            if connection.loop_mask != WAIT_MORE_MASK:
                 # Bytes are there but not a whole message: stay armed edge-triggered so
                 # that only new bytes wake us (see the strategy comment).
-                connection.waiting_armed = True
-                self._modify(connection, _IN | select.EPOLLET)
+                self._modify(connection, WAIT_MORE_MASK)
         else:
             self._arm(connection)
 
@@ -651,11 +649,9 @@ class ConnectionPipeline:
     def _arm_loop_off(self, connection: Connection) -> None:
         # Left armed without one-shot by a partial read (Step.MORE): silence it, or every
         # byte of later messages would wake the loop for nothing.
-        connection.waiting_armed = False
         self._modify(connection, _ARM_ONCE)
 
     def _arm(self, connection: Connection) -> None:
-        connection.waiting_armed = False
         self._modify(connection, _IN | _ARM_ONCE)
 
     def _modify(self, connection: Connection, mask: int) -> None:
@@ -671,7 +667,7 @@ class ConnectionPipeline:
             pass
 
     def _dispatch(self, connection: Connection) -> None:
-        if connection.waiting_armed:
+        if connection.loop_mask == WAIT_MORE_MASK:
             self._arm_loop_off(connection)
         connection.state = ConnectionState.HANDLING
         try:
@@ -845,14 +841,8 @@ class ConnectionPipeline:
         return False
 
     def _remove(self, connection: Connection) -> bool:
-        # _claim(), inlined: once per connection.
-        current = self.connections.pop(connection.fd, None)
-        if current is not connection:
-            if current is not None:
-                # A newer connection on a descriptor number the kernel reused: not ours.
-                self.connections.setdefault(connection.fd, current)
+        if not self._claim(connection):
             return False
-        connection.state = ConnectionState.CLOSED
         # Only a registration that may still report an event is removed: closing the
         # socket removes the others (a spent one-shot stays silent even while a forked
         # child holds a copy of the descriptor). On the usual path -- an event, the

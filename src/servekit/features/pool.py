@@ -213,10 +213,7 @@ class WorkerPool:
         with self._lock:
             if self._closing:
                 raise RuntimeError("the pool is shut down")
-            # _begin_locked(), inlined: once per connection.
-            self._busy += 1
-            if self._busy == self.max_threads and self._on_saturated is not None:
-                self._on_saturated()
+            self._begin_locked()
             self._queue.append((fn, args))
             if self._searching == 0:
                 self._wake_one_locked()
@@ -567,6 +564,9 @@ class ThreadPoolMixIn(ServerFeature):
         return 0 if pipeline is None else pipeline.parked
 
     def _pipeline_here(self) -> ConnectionPipeline:
+        runtime = self._here()
+        if runtime is not None and runtime.pipeline is not None:
+            return runtime.pipeline  # the usual case, once per connection: one lookup
         pool = self.pool
         runtime = self._here()
         assert runtime is not None
@@ -618,13 +618,7 @@ class ThreadPoolMixIn(ServerFeature):
             and self.state is ServerState.SERVING
             and self.on_loop_thread
         ):
-            # This process's pipeline, looked up without _pipeline_here()'s two calls
-            # once it exists (a call saved here is saved on every connection).
-            runtime = getattr(self, "_runtime", None)
-            if runtime is None or runtime.forks != forks.count or runtime.pipeline is None:
-                self._pipeline_here().admit(request, client_address)
-            else:
-                runtime.pipeline.admit(request, client_address)
+            self._pipeline_here().admit(request, client_address)
         else:
             self.pool.submit(self.process_request_thread, request, client_address)
 
