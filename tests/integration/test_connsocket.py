@@ -370,7 +370,7 @@ def test_rfile_reads_count_towards_the_read_rate(pair) -> None:
     ours.settimeout(10)
     rfile = ours.makefile("rb")
     started = time.monotonic()
-    ours.limit_reads(started + 0.2, 10.0)
+    ours.begin_message(None, started + 0.2, 10.0)
     peer.sendall(b"0123456789012345678\n")
     assert rfile.readline() == b"0123456789012345678\n"
     with pytest.raises(RequestTooSlow, match="20 bytes read"):

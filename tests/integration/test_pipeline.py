@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -781,9 +782,13 @@ def test_the_usual_close_needs_no_epoll_call_and_leaves_nothing_registered() -> 
             with connect(server.server_address, TIMEOUT) as sock:
                 assert exchange_line(sock, b"hi\n") == b"hi\n"
         assert wait_until(lambda: not pipeline.connections, TIMEOUT)
+        # A connection leaves the table before its socket is closed, and the kernel drops
+        # a registration when the socket's file goes: wait for that (bounded), then look.
+        assert wait_until(
+            lambda: not _epoll_targets(loop_set.real) and len(_epoll_targets(parking.real)) == 1,
+            TIMEOUT,
+        )  # the parking set's one: the wake-up eventfd
         assert loop_set.unregisters == parking.unregisters == 0
-        assert not _epoll_targets(loop_set.real)
-        assert len(_epoll_targets(parking.real)) == 1  # the wake-up eventfd only
 
 
 def test_a_parked_connection_closed_while_its_descriptor_is_copied_leaves_no_registration() -> None:
@@ -892,3 +897,42 @@ def test_blocking_stages_serve_a_last_line_and_do_not_spin_on_a_partial_one() ->
             finally:
                 stage_class.step = real_step  # type: ignore[method-assign]
             assert steps <= 12, steps
+
+
+# -- the per-message hooks -----------------------------------------------------------
+
+
+class StartedPool(LimitsMixIn, ThreadPoolMixIn, servekit.TCPServer):
+    """Overrides message_started(): it runs before each message, after the features'
+    message hooks (LimitsMixIn's has set the request deadline by then)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.started: list[tuple[int, bool]] = []
+
+    def message_started(self, connection: Any) -> None:
+        super().message_started(connection)
+        self.started.append((connection.messages, connection.request_deadline is not None))
+
+
+def test_an_overridden_message_started_runs_before_each_message(
+    counting: type[Counting],
+) -> None:
+    with (
+        StartedPool((LOCALHOST, 0), counting, request_timeout=5.0) as server,
+        serving(server),
+        connect(server.server_address, TIMEOUT) as sock,
+    ):
+        for n in (1, 2, 3):
+            assert exchange_line(sock, b"x\n") == b"%d x\n" % n
+        assert server.started == [(1, True), (2, True), (3, True)]
+
+
+def test_a_server_that_does_not_override_message_started_has_only_the_feature_hooks() -> None:
+    """The hooks a message pays for are the features' own: LimitsMixIn's on a stream
+    server, nothing for ServerFeature.message_started()."""
+    with LimitsPool((LOCALHOST, 0), Counting) as server:
+        assert len(server.per_message_hooks()) == 1
+    with StartedPool((LOCALHOST, 0), Counting) as server:
+        hooks = server.per_message_hooks()
+        assert len(hooks) == 2 and hooks[-1] == server.message_started

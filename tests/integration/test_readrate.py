@@ -22,6 +22,7 @@ from servekit.errors import RequestTooSlow
 from servekit.features.connsocket import ConnectionSocket
 from servekit.features.limits import LimitsMixIn
 from servekit.features.listeners import ListenersMixIn
+from servekit.features.messages import MessageHandler
 from servekit.features.pool import ThreadPoolMixIn
 from servekit.features.tls import TLSMixIn
 from servekit.testing import (
@@ -82,7 +83,7 @@ def test_each_byte_read_buys_time(pair: tuple[ConnectionSocket, socket.socket]) 
     ours, peer = pair
     ours.settimeout(10)
     started = time.monotonic()
-    ours.limit_reads(started + 0.3, 10.0)
+    ours.begin_message(None, started + 0.3, 10.0)
     peer.sendall(b"123")
     assert ours.recv(100) == b"123"
     peer.sendall(b"45")
@@ -98,7 +99,7 @@ def test_bytes_already_there_are_read_past_the_limit(
     """Only waits are cut: a read whose bytes have arrived returns them even after the limit."""
     ours, peer = pair
     ours.settimeout(10)
-    ours.limit_reads(time.monotonic() - 5, 500.0)
+    ours.begin_message(None, time.monotonic() - 5, 500.0)
     peer.sendall(b"late but here")
     buffer = bytearray(100)
     assert ours.recv_into(buffer) == 13
@@ -111,7 +112,7 @@ def test_without_a_limit_the_timeout_alone_applies(
 ) -> None:
     ours, _ = pair
     ours.settimeout(0.2)
-    ours.limit_reads(None, 500.0)
+    ours.begin_message(None, None, 500.0)
     with pytest.raises(TimeoutError, match="timed out") as raised:
         ours.recv(1)
     assert not isinstance(raised.value, RequestTooSlow)
@@ -353,3 +354,42 @@ def test_a_wsgi_body_asked_for_late_is_not_too_slow() -> None:
         sock.sendall(b"hello")
         answer = read_until(sock, b"hello")
         assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nhello")
+
+
+# -- the read timeout, before every message --------------------------------------------
+
+
+class TimeoutReporter(MessageHandler):
+    """Answers each line with its socket's read timeout, then changes that timeout: the
+    next message must see idle_timeout again."""
+
+    def handle_one_request(self) -> None:
+        if not self.rfile.readline():
+            self.close_connection = True
+            return
+        self.wfile.write(b"%r\n" % (self.request.gettimeout(),))
+        self.request.settimeout(99.0)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_each_message_starts_with_the_idle_timeout(tls: bool, tls_certs: CertSet) -> None:
+    """A handler that changes its socket's timeout during a message does not keep it
+    for the next: idle_timeout is set again before each one (ConnectionSocket reads
+    its own slot; the TLS socket goes through gettimeout())."""
+    server_class: type[Any] = TLSServer if tls else Server
+    options: dict[str, Any] = {"idle_timeout": 7.5, "max_threads": 2}
+    if tls:
+        options.update(certfile=str(tls_certs.server.cert), keyfile=str(tls_certs.server.key))
+    with (
+        server_class(
+            f"{LOCALHOST}:0" if not tls else (LOCALHOST, 0), TimeoutReporter, **options
+        ) as server,
+        serving(server),
+    ):
+        sock: Any = connect(server.server_address, TIMEOUT)
+        if tls:
+            context = tls_certs.client_context()
+            sock = context.wrap_socket(sock, server_hostname="localhost")
+        with sock:
+            for _ in range(3):
+                assert exchange_line(sock, b"x\n") == b"7.5\n"

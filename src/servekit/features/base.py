@@ -12,7 +12,9 @@
 #   connection_stages()    preamble stages a new connection goes through, in order
 #   connection_opened(c)   a connection was accepted (before its preamble)
 #   connection_closed(c)   it was closed (exactly once per connection)
-#   message_started(c)     a handler is about to read the connection's next message
+#   message_hooks()        callables run before each message, composed once: a feature
+#                          adds one only when its settings call for per-message work
+#                          (message_started(c), for subclasses, runs after them)
 # and the shutdown steps below. The stages run in the serving loop when the server has a
 # connection pipeline (ThreadPoolMixIn); otherwise finish_request() runs them here, on
 # the worker, blocking with their deadlines, before the handler.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from servekit.features.admission import refuse_new_connections
@@ -68,7 +71,8 @@ class ServerFeature(Configurable, _MixinBase):
 
     - connection_stages() -> list of Stage: the preamble a connection goes through
     - connection_opened(connection) / connection_closed(connection)
-    - message_started(connection)
+    - message_hooks() -> list of callables(connection), run before each message
+    - message_started(connection), for subclasses: after the message hooks
     - stop_admitting(), accept_backlog(), stop_listening(), close_idle_connections(),
       drain(), release(): the steps of server_close(), in that order
     """
@@ -96,8 +100,28 @@ class ServerFeature(Configurable, _MixinBase):
     def connection_closed(self, connection: Connection) -> None:
         """Called once per stream connection, when it is closed. May be extended."""
 
+    def message_hooks(self) -> list[Callable[[Connection], object]]:
+        """What features do before each message: callables, run in order on the
+        handler's thread with the connection. May be extended (append to super()'s).
+
+        Composed once (by the pipeline when it first sees a handler class; per
+        connection without a pipeline), so a feature adds a hook only when its
+        settings call for per-message work, and reads its settings then: a message
+        costs a call per hook, and nothing for a feature that has nothing to do.
+        """
+        return []
+
     def message_started(self, connection: Connection) -> None:
-        """Called on the handler's thread before it reads each message. May be extended."""
+        """Called on the handler's thread before it reads each message, after the
+        message_hooks(). For subclasses: called only when a class overrides it."""
+
+    def per_message_hooks(self) -> tuple[Callable[[Connection], object], ...]:
+        """message_hooks(), then message_started() if the class overrides it: what runs
+        before each message. For the pipeline; not meant to be extended."""
+        hooks = self.message_hooks()
+        if type(self).message_started is not ServerFeature.message_started:
+            hooks.append(self.message_started)
+        return tuple(hooks)
 
     def park_timeout(self) -> float | None:
         """Seconds a connection may stay parked between messages (None: until shutdown).
@@ -134,8 +158,9 @@ class ServerFeature(Configurable, _MixinBase):
         try:
             if not run_stages_blocking(self, connection, self.connection_stages()):
                 return
-            self.message_started(connection)
             connection.messages = 1
+            for hook in self.per_message_hooks():
+                hook(connection)
             super().finish_request(connection.request, connection.client_address)
         except Exception as exc:
             connection.outcome = outcome_of(exc)

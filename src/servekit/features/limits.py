@@ -71,6 +71,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("servekit.limits")
+_monotonic = time.monotonic
 
 WAIT_MODES = ("none", "data", "line", "head", "auto")
 # Bytes peeked first when waiting for a line or a head (see WaitForRequest.ready).
@@ -319,6 +320,34 @@ class WaitForRequest(Stage):
         return "more"
 
 
+def _message_limits(
+    idle: float | None, limit: float | None, min_rate: float | None
+) -> Callable[[Connection], None]:
+    """LimitsMixIn's work before each message: the read timeout idle, the handler's
+    request_deadline() (limit after accept for the first message, after the message
+    started for the others) and the minimum read rate."""
+
+    def limit_message(connection: Connection) -> None:
+        request = connection.request
+        if limit is None:
+            deadline = None
+        elif connection.messages <= 1:
+            deadline = connection.accepted_at + limit
+        else:
+            deadline = _monotonic() + limit
+        connection.request_deadline = deadline
+        if isinstance(request, ReadRate):
+            # A message handler reads a request: at least min_request_rate bytes a
+            # second once its deadline passed (servekit.features.readrate). Not a
+            # handler that loops in handle(): its "request" is the whole session.
+            rate = min_rate if connection.handler_factory is not None else None
+            request.begin_message(idle, deadline, rate)
+        elif idle is not None and request.gettimeout() != idle:
+            request.settimeout(idle)
+
+    return limit_message
+
+
 class LimitsMixIn(ServerFeature):
     """Connection cap, request waits in the loop, idle timeout, request deadline.
 
@@ -436,24 +465,12 @@ class LimitsMixIn(ServerFeature):
         # A parked connection is a silent one too: idle_timeout bounds it the same way.
         return self.idle_timeout
 
-    def message_started(self, connection: Connection) -> None:
-        super().message_started(connection)
-        idle, limit = self.idle_timeout, self.request_timeout
-        request = connection.request
-        if idle is not None and request.gettimeout() != idle:
-            request.settimeout(idle)
-        if limit is None:
-            deadline = None
-        elif connection.messages <= 1:
-            deadline = connection.accepted_at + limit
-        else:
-            deadline = time.monotonic() + limit
-        connection.request_deadline = deadline
-        if connection.handler_factory is not None and isinstance(request, ReadRate):
-            # A message handler reads a request: at least min_request_rate bytes a
-            # second once its deadline passed (servekit.features.readrate). Not a
-            # handler that loops in handle(): its "request" is the whole session.
-            request.limit_reads(deadline, self.min_request_rate)
+    def message_hooks(self) -> list[Callable[[Connection], object]]:
+        hooks = super().message_hooks()
+        if self._is_stream():
+            limits = (self.idle_timeout, self.request_timeout, self.min_request_rate)
+            hooks.append(_message_limits(*limits))
+        return hooks
 
     def connection_closed(self, connection: Connection) -> None:
         if id(connection.sock) in self._limits.open:

@@ -2,7 +2,7 @@
 # access log, and the one line that sums up a shutdown.
 #
 # Strategy. MetricsMixIn counts through the public hooks only (connection_opened and
-# connection_closed, message_started, verify_request, handle_error, the shutdown steps)
+# connection_closed, message_hooks, verify_request, handle_error, the shutdown steps)
 # and the public properties of the pool; it never reaches into another feature. Counts
 # go into a table of 64-bit integers in an anonymous shared mapping that the constructor
 # creates, before any fork: one row ("slot") per serving process. Row 0 is a single
@@ -40,7 +40,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 from servekit.core import StreamRequestHandler, TCPServer, ThreadingMixIn
@@ -442,13 +442,16 @@ class MetricsMixIn(ServerFeature):
             recorder.add(_SD_BACKLOG)
         super().connection_opened(connection)
 
-    def message_started(self, connection: Connection) -> None:
-        super().message_started(connection)
+    def message_hooks(self) -> list[Callable[[Connection], object]]:
+        hooks = super().message_hooks()
+        if self._rec().counting:  # without counting, a message costs metrics nothing
+            hooks.append(self._record_message)
+        return hooks
+
+    def _record_message(self, connection: Connection) -> None:
         recorder = self._recorder
         if recorder is None or recorder.forks != forks.count:
             recorder = self._rec()
-        if not recorder.counting:
-            return
         live = recorder.live.get(id(connection))
         ended = None
         if live is not None:

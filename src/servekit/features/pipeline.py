@@ -354,6 +354,9 @@ class ConnectionPipeline:
         self._factory_source: Any = None
         self._factory: Any = None
         self._hold_heads = False
+        #: What runs before each message (ServerFeature.per_message_hooks()), composed
+        #: with the factory.
+        self._hooks: tuple[Callable[[Connection], object], ...] = ()
         #: Index of the stage that runs before every message (Stage.each_message), or
         #: None; refreshed when the handler class changes (a stage may ask it).
         self._rewait: int | None = self._each_message_stage()
@@ -717,9 +720,11 @@ class ConnectionPipeline:
             # A response head waits for its body (servekit.features.heads), on the
             # sockets that can hold one (ConnectionSocket, TLSConnectionSocket).
             hold = self._hold_heads and isinstance(request, HeadHolding)
+            hooks = self._hooks
             while True:
                 connection.messages += 1
-                server.message_started(connection)
+                for hook in hooks:
+                    hook(connection)
                 # One message. Its errors close the connection; on SystemExit and
                 # KeyboardInterrupt too, which then propagate as with ThreadingMixIn (the
                 # pool worker survives and logs them).
@@ -773,7 +778,8 @@ class ConnectionPipeline:
     def _run_whole(self, connection: Connection) -> None:
         connection.request.settimeout(connection.timeout)
         connection.messages = 1
-        self.server.message_started(connection)
+        for hook in self._hooks:
+            hook(connection)
         try:
             self.server.finish_request(connection.request, connection.client_address)
         except Exception as exc:
@@ -794,6 +800,7 @@ class ConnectionPipeline:
             handler_class = source.func if isinstance(source, functools.partial) else source
             self._hold_heads = self._factory is not None and holds_response_head(handler_class)
             self._rewait = self._each_message_stage()
+            self._hooks = self.server.per_message_hooks()
         return self._factory
 
     def _park(self, connection: Connection, *, renew: bool = True, mask: int = _PARK_MASK) -> None:

@@ -17,11 +17,11 @@
 # after it started: 1 byte every few seconds is a few bytes more than nothing.
 #
 # Only waits are checked: a read whose bytes are there costs one addition. The limit is
-# armed per message by LimitsMixIn.message_started() for handlers run message by message
-# (a handler that loops in handle() for the connection's life keeps only idle_timeout:
-# its "request" is the whole session). ReadRate is mixed into the two sockets handlers
-# get on pool servers, ConnectionSocket and TLSConnectionSocket; each counts the bytes
-# its reads return and asks read_limit() how long a wait may last.
+# armed per message (begin_message(), from LimitsMixIn's message hook) for handlers run
+# message by message (a handler that loops in handle() for the connection's life keeps
+# only idle_timeout: its "request" is the whole session). ReadRate is mixed into the
+# two sockets handlers get on pool servers, ConnectionSocket and TLSConnectionSocket;
+# each counts the bytes its reads return and asks read_limit() how long a wait may last.
 from __future__ import annotations
 
 import time
@@ -35,7 +35,7 @@ _monotonic = time.monotonic
 
 
 class ReadRate:
-    """Mix-in for a socket class: limit_reads() and the bookkeeping behind it. The class
+    """Mix-in for a socket class: begin_message() and the bookkeeping behind it. The class
     gives every instance _read_until = None, _read_rate = 0.0 and _read_bytes = 0."""
 
     if not TYPE_CHECKING:
@@ -45,12 +45,23 @@ class ReadRate:
     _read_until: float | None
     #: Bytes per second of data that buy one more second.
     _read_rate: float
-    #: Bytes the reads returned since limit_reads().
+    #: Bytes the reads returned since begin_message().
     _read_bytes: int
 
-    def limit_reads(self, deadline: float | None, min_rate: float | None) -> None:
-        """Bound the waits of the reads that follow: until deadline (a time.monotonic())
-        plus one second per min_rate bytes they return. None for either: no bound."""
+    def begin_message(
+        self, timeout: float | None, deadline: float | None, min_rate: float | None
+    ) -> None:
+        """Before each message (LimitsMixIn's per-message hook): the read timeout, and
+        a bound on the waits of the reads that follow.
+
+        timeout: the handler's read timeout (idle_timeout), set if it differs (a handler
+        may have changed it during its last message); None leaves it as it is. The
+        waits are bounded until deadline (a time.monotonic()) plus one second per
+        min_rate bytes the reads return; None for either: no bound. One call does both,
+        since it runs on every message.
+        """
+        if timeout is not None and self.gettimeout() != timeout:  # type: ignore[attr-defined]
+            self.settimeout(timeout)  # type: ignore[attr-defined]
         self._read_bytes = 0
         if deadline is None or not min_rate:
             self._read_until = None

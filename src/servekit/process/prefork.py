@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from servekit.core.wakeup import Wakeup
@@ -323,10 +324,15 @@ class PreforkMixIn(ServerFeature):
     # (an HTTP request of a keep-alive connection, a line of the echo handler) and each
     # datagram; not connections, which a keep-alive client keeps for thousands of them.
 
-    def message_started(self, connection: Connection) -> None:
-        super().message_started(connection)
-        # Not the worker_context property: a call fewer on every message.
-        context = getattr(self, "_worker_context", None)
+    def message_hooks(self) -> list[Callable[[Connection], object]]:
+        hooks = super().message_hooks()
+        context = self.worker_context
+        if context is not None and context.max_requests:  # nothing to count otherwise
+            hooks.append(self._count_toward_max_requests)
+        return hooks
+
+    def _count_toward_max_requests(self, connection: Connection) -> None:
+        context = self.worker_context
         if context is not None and context.count_request():
             self._retire()
 
