@@ -374,8 +374,8 @@ class TimeoutReporter(MessageHandler):
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
 def test_each_message_starts_with_the_idle_timeout(tls: bool, tls_certs: CertSet) -> None:
     """A handler that changes its socket's timeout during a message does not keep it
-    for the next: idle_timeout is set again before each one (ConnectionSocket reads
-    its own slot; the TLS socket goes through gettimeout())."""
+    for the next: idle_timeout is set again before each one (begin_message(), on
+    ConnectionSocket and on the TLS socket)."""
     server_class: type[Any] = TLSServer if tls else Server
     options: dict[str, Any] = {"idle_timeout": 7.5, "max_threads": 2}
     if tls:

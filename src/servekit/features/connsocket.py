@@ -98,20 +98,6 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
     def getblocking(self) -> bool:
         return self._wait_timeout != 0.0
 
-    def begin_message(
-        self, timeout: float | None, deadline: float | None, min_rate: float | None
-    ) -> None:
-        # ReadRate's, reading the timeout from the slot instead of through gettimeout():
-        # it runs on every message, and a call is most of its cost.
-        if timeout is not None and timeout != self._wait_timeout:
-            self.settimeout(timeout)
-        self._read_bytes = 0
-        if deadline is None or not min_rate:
-            self._read_until = None
-        else:
-            self._read_until = deadline
-            self._read_rate = float(min_rate)
-
     # -- waiting -------------------------------------------------------------------------
 
     def _wait_and(self, event: int, call: Callable[..., Any], *args: Any) -> Any:
