@@ -37,6 +37,7 @@ from harness import (
     CaseError,
     Context,
     EchoLines,
+    Figure,
     HttpGets,
     Probe,
     ProbeFailed,
@@ -301,6 +302,13 @@ STALLED_COLUMNS: tuple[tuple[str, Any], ...] = (
 )
 
 
+# What --rounds compares ping-pong and churn by: the loadgen's rate and p99 (ms).
+LOAD_FIGURES = (
+    Figure("per s", lambda r: r["load"]["rate"]),
+    Figure("p99 ms", lambda r: r["load"]["latency_us"]["p99"] / 1000),
+)
+
+
 def scenarios(s: Settings) -> list[Scenario]:
     return [
         Scenario(
@@ -389,6 +397,8 @@ def scenarios(s: Settings) -> list[Scenario]:
             (STDLIB, STDLIB_1024, "asyncio", "uvloop", "servekit_echo_2x32"),
             PINGPONG_COLUMNS,
             loadgen_notes,
+            figures=LOAD_FIGURES,
+            baseline=STDLIB_1024,
         ),
         Scenario(
             "churn",
@@ -399,6 +409,8 @@ def scenarios(s: Settings) -> list[Scenario]:
             (STDLIB, STDLIB_1024, "asyncio", "uvloop", "servekit_echo_2x32"),
             CHURN_COLUMNS,
             loadgen_notes,
+            figures=LOAD_FIGURES,
+            baseline=STDLIB,
         ),
     ]
 
@@ -613,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         results,
         run_one=lambda scenario, server: run_one(scenario, server, ctx, settings),
         summary=summary,
+        rounds=args.rounds,
     )
     intro = contenders_intro(
         "Issue 10's connection scenarios: the server on one CPU, the clients (this driver, or "

@@ -30,6 +30,7 @@ import shlex
 import shutil
 import socket
 import ssl
+import statistics
 import struct
 import subprocess
 import sys
@@ -752,9 +753,25 @@ def base_parser(
         help="servekit source tree the contenders import (default: this checkout's src/; "
         "e.g. a `git archive` of another commit, to compare two)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=_rounds,
+        default=1,
+        help="run each scenario that has figures (throughput, p99) N times, the contenders "
+        "alternating and their order rotating from round to round, and report medians and "
+        "the median of each round's ratio to the baseline: this VM's speed drifts by up to "
+        "2x between minutes, so one run decides nothing within about 30 %% (default 1)",
+    )
     parser.add_argument("--server-cpu", type=int, default=1)
     parser.add_argument("--load-cpu", type=int, default=0)
     return parser
+
+
+def _rounds(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= 50:
+        raise argparse.ArgumentTypeError("--rounds: from 1 to 50")
+    return n
 
 
 def chosen(
@@ -827,6 +844,15 @@ Cell = Callable[[dict[str, Any], dict[str, dict[str, Any]]], str]  # (record, al
 
 
 @dataclass(frozen=True)
+class Figure:
+    """A number that --rounds compares contenders by: value(record), or None when the
+    record has none (a failed case)."""
+
+    label: str
+    value: Callable[[dict[str, Any]], float | None]
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A family member: which contenders it runs, how, and its table."""
 
@@ -836,6 +862,10 @@ class Scenario:
     contenders: tuple[str, ...]
     columns: tuple[tuple[str, Cell], ...]
     notes: Callable[[str, dict[str, Any]], list[str]] | None = None
+    #: What --rounds N repeats the scenario for (none: it runs once), and the contender
+    #: whose figures the others' are divided by, round by round.
+    figures: tuple[Figure, ...] = ()
+    baseline: str | None = None
 
 
 def scenario_table(scenario: Scenario, runs: dict[str, dict[str, Any]]) -> list[str]:
@@ -930,6 +960,10 @@ def write_report(
         lines += [f"## {scenario.title}", "", scenario.explain, ""]
         lines += scenario_table(scenario, runs)
         lines.append("")
+        samples = results.get("rounds", {}).get(scenario.name)
+        if samples:
+            lines += rounds_table(scenario, samples)
+            lines.append("")
     (out / f"{stem}.md").write_text("\n".join(lines))
 
 
@@ -978,19 +1012,85 @@ def run_selected(
     *,
     run_one: Callable[[Any, Server], dict[str, Any]],
     summary: Callable[[Any, str, dict[str, Any]], str],
+    rounds: int = 1,
 ) -> None:
     """Run every chosen contender of every chosen scenario, printing a line each; record
-    the runs, the elapsed time and the contenders' descriptions in results."""
+    the runs, the elapsed time and the contenders' descriptions in results.
+
+    With rounds > 1, a scenario that has figures runs that many times, every contender
+    once per round, in an order that rotates from round to round (so none always runs
+    first, or right after the same neighbour); results["rounds"][scenario][contender]
+    [figure label] lists each round's figure. The tables show the first round's records.
+    """
     started = time.monotonic()
     for scenario in selected:
         runs = results["runs"].setdefault(scenario.name, {})
-        for name in scenario.contenders:
-            if name not in only:
-                continue
-            runs[name] = run_one(scenario, servers[name])
-            print(summary(scenario, name, runs[name]), flush=True)
+        names = [name for name in scenario.contenders if name in only]
+        repeat = rounds if scenario.figures and len(names) > 1 else 1
+        samples: dict[str, dict[str, list[float | None]]] = {
+            name: {f.label: [] for f in scenario.figures} for name in names
+        }
+        for round_no in range(repeat):
+            shift = round_no % len(names) if names else 0
+            for name in names[shift:] + names[:shift]:
+                record = run_one(scenario, servers[name])
+                if round_no == 0:
+                    runs[name] = record
+                line = summary(scenario, name, record)
+                if repeat > 1:
+                    line += f"  [round {round_no + 1}/{repeat}]"
+                print(line, flush=True)
+                ok = record.get("status") == "ok"
+                for figure in scenario.figures:
+                    samples[name][figure.label].append(figure.value(record) if ok else None)
+        if repeat > 1:
+            results.setdefault("rounds", {})[scenario.name] = samples
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     results["contenders"] = {n: s.description for n, s in servers.items()}
+
+
+def rounds_table(
+    scenario: Scenario, samples: dict[str, dict[str, list[float | None]]]
+) -> list[str]:
+    """Medians over the rounds, and for each contender the median of its per-round ratio
+    to the baseline (a pair of figures from the same round: slow spells of the machine
+    hit both)."""
+    figures = scenario.figures
+    count = max((len(v) for per in samples.values() for v in per.values()), default=0)
+    lines = [
+        f"Alternated rounds ({count}; the order rotates each round): medians, and the median "
+        f"of each round's ratio to `{scenario.baseline}`.",
+        "",
+        "| contender | "
+        + " | ".join(f"{f.label} median | vs baseline" for f in figures)
+        + " | every round |",
+        "|---|" + "--:|--:|" * len(figures) + "---|",
+    ]
+    base = samples.get(scenario.baseline or "", {})
+    for name, per in samples.items():
+        cells = []
+        for figure in figures:
+            values = per[figure.label]
+            known = [v for v in values if v is not None]
+            median = statistics.median(known) if known else None
+            ratios = [
+                v / b
+                for v, b in zip(values, base.get(figure.label, []), strict=False)
+                if v is not None and b
+            ]
+            cells.append(_fmt_figure(median))
+            cells.append(f"x{statistics.median(ratios):.2f}" if ratios else "n/a")
+        every = "; ".join(
+            f"{f.label} " + ", ".join(_fmt_figure(v) for v in per[f.label]) for f in figures
+        )
+        lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {every} |")
+    return lines
+
+
+def _fmt_figure(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
 
 
 def contenders_intro(

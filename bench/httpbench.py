@@ -40,6 +40,7 @@ from harness import (
     STATIC_FILE,
     CaseError,
     Context,
+    Figure,
     HttpGets,
     Probe,
     ProbeFailed,
@@ -245,6 +246,13 @@ WSGI_COLUMNS = wrk_columns(
 )
 
 
+# What --rounds compares the wrk scenarios by: requests/s and p99 (ms).
+WRK_FIGURES = (
+    Figure("req/s", lambda r: r["wrk"]["rate"]),
+    Figure("p99 ms", lambda r: r["wrk"]["latency_us"]["p99"] / 1000),
+)
+
+
 def answered(round_no: int) -> Callable[..., str]:
     return lambda r, _: f"{r['clients']['ok'][round_no - 1]:,} / {r['clients']['conns']:,}"
 
@@ -270,6 +278,8 @@ def scenarios(s: Settings) -> list[Scenario]:
             "and `servekit serve --workers 1` at least 1.0 times TCP_NODELAY by hand.",
             (STDLIB_HTTP, STDLIB_NODELAY, "stdlib_http_install", "servekit_serve"),
             STATIC_COLUMNS,
+            figures=WRK_FIGURES,
+            baseline=STDLIB_NODELAY,
         ),
         Scenario(
             "wrk-wsgi",
@@ -280,6 +290,8 @@ def scenarios(s: Settings) -> list[Scenario]:
             "11's target: `servekit wsgi` at least the better of gunicorn gthread and waitress.",
             (STDLIB_WSGI, "servekit_wsgi", "gunicorn_gthread", "gunicorn_sync", "waitress"),
             WSGI_COLUMNS,
+            figures=WRK_FIGURES,
+            baseline="waitress",  # the better of the two rivals in every run so far
         ),
         Scenario(
             "idle-wsgi",
@@ -567,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         results,
         run_one=lambda scenario, server: run_one(scenario, server, ctx, settings),
         summary=summary,
+        rounds=args.rounds,
     )
     intro = contenders_intro(
         "Issue 11's HTTP scenarios: the server on one CPU, the clients (wrk, or this driver) "
