@@ -161,3 +161,11 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+class AcceptBatch(servekit.StreamRequestHandler):
+    """Answer each line with "<worker pid> <the server's accept_batch>"."""
+
+    def handle(self) -> None:
+        for _line in self.rfile:
+            self.wfile.write(b"%d %d\n" % (os.getpid(), self.server.accept_batch))

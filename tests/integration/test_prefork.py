@@ -208,6 +208,23 @@ def test_sigint_is_a_fast_stop() -> None:
         server.assert_no_leftovers()
 
 
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["shared", "reuse-port"])
+def test_workers_sharing_a_listener_accept_one_connection_per_wake_up(reuse_port: bool) -> None:
+    """A worker that shares the listener with its siblings takes one connection per
+    wake-up (a batch let one worker keep a whole burst of connections); one with its own
+    SO_REUSEPORT listener keeps the pool's batch."""
+    extra = ["--reuse-port"] if reuse_port else []
+    with serve(
+        "tests.integration.apps:AcceptBatch", "--workers", "2", "--threads", "2", *extra
+    ) as server:
+        server.wait_ready()
+        batches = {int(server.request(b"x\n").split()[1]) for _ in range(4)}
+        assert batches == ({16} if reuse_port else {1})
+        server.send(signal.SIGTERM)
+        assert server.wait() == 0
+        server.assert_no_leftovers()
+
+
 def test_max_requests_recycles_workers() -> None:
     """With max_requests, workers retire and are replaced, and no request fails."""
     with serve(

@@ -13,10 +13,12 @@
 #
 # Sharing one listening socket (the default) lets the kernel hand each connection to
 # whichever worker accepts first; it is non-blocking so that a worker that loses the
-# race returns to its loop instead of blocking in accept(). With reuse_port=True each
-# worker binds its own SO_REUSEPORT socket instead and the kernel hashes connections
-# across them: no wake-up of idle workers, but a connection queued on a worker that
-# dies is reset, and a busy worker's queue is not drained by idle siblings.
+# race returns to its loop instead of blocking in accept(), and a worker accepts one
+# connection per wake-up from it, so that a burst is spread over the workers. With
+# reuse_port=True each worker binds its own SO_REUSEPORT socket instead and the kernel
+# hashes connections across them: no wake-up of idle workers, but a connection queued
+# on a worker that dies is reset, and a busy worker's queue is not drained by idle
+# siblings.
 from __future__ import annotations
 
 import logging
@@ -216,6 +218,12 @@ class PreforkMixIn(ServerFeature):
             else:
                 for sock in getattr(self, "sockets", None) or [self.socket]:
                     sock.setblocking(False)
+                # One connection per wake-up from the shared listener, not a batch: every
+                # worker's loop wakes for a new connection, and one that took a batch of
+                # 16 kept a burst. 128 ping-pong clients connecting at once, two workers
+                # on one CPU: 128/0 to 80/48 with batches, 95/33 to 72/56 one at a time,
+                # churn the same (docs/concurrency.md has the figures).
+                self.accept_batch = 1
             self.worker_init()
         except Exception:
             log.exception("worker %d failed to start", context.index)
