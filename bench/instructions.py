@@ -41,26 +41,17 @@ RESULTS = ROOT / "bench" / "results"
 CONNECTIONS = 16
 PORT_PATTERNS = (re.compile(rb"READY (\d+)"), re.compile(rb"tcp://127\.0\.0\.1:(\d+)"))
 
+# The line echo servers, for the echo and the churn scenarios.
+ECHO_CONTENDERS = [
+    ("stdlib ThreadingTCPServer", [str(SERVERS / "stdlib_threading_1024.py"), "--port", "0"]),
+    ("servekit echo (1 x 8)", ["-m", "servekit", "echo", "--bind", "127.0.0.1:0",
+                               "--workers", "1", "--threads", "8"]),
+]  # fmt: skip
+
 # scenario -> (client kind, [(contender, argv)]); the first contender is the baseline.
 SCENARIOS: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
-    "line echo": (
-        "line",
-        [
-            ("stdlib ThreadingTCPServer", [str(SERVERS / "stdlib_threading_1024.py"),
-                                           "--port", "0"]),
-            ("servekit echo (1 x 8)", ["-m", "servekit", "echo", "--bind", "127.0.0.1:0",
-                                       "--workers", "1", "--threads", "8"]),
-        ],
-    ),
-    "connection churn: connect, one line, close (per connection)": (
-        "churn",
-        [
-            ("stdlib ThreadingTCPServer", [str(SERVERS / "stdlib_threading_1024.py"),
-                                           "--port", "0"]),
-            ("servekit echo (1 x 8)", ["-m", "servekit", "echo", "--bind", "127.0.0.1:0",
-                                       "--workers", "1", "--threads", "8"]),
-        ],
-    ),
+    "line echo": ("line", ECHO_CONTENDERS),
+    "connection churn: connect, one line, close (per connection)": ("churn", ECHO_CONTENDERS),
     "SimpleHTTPRequestHandler, keep-alive GET of 1 KiB": (
         "http",
         [

@@ -241,7 +241,7 @@ def run_stages_blocking(
                         # registering would return at once, every time: a busy loop
                         # until the deadline for a client that sent part of a line.
                         waiter = select.epoll(1)
-                        waiter.register(sock.fileno(), _IN | select.EPOLLET)
+                        waiter.register(sock.fileno(), WAIT_MORE_MASK)
                         connection.events = _poll_events(waiter, 0)
                         continue
                     connection.events = _poll_events(waiter, remaining)
@@ -682,13 +682,13 @@ class ConnectionPipeline:
 
     def run(self, connection: Connection) -> None:
         """A pool thread's turn with a connection: stage steps, then messages."""
-        if connection.stage < len(self.stages):
-            _local.connection = connection  # _set_current(), inlined; _handle() sets it too
+        if connection.stage < len(self.stages):  # an offloaded stage's step (TLS)
+            _set_current(connection)
             try:
                 if not self._advance(connection, on_loop=False):
                     return
             finally:
-                _local.connection = None
+                _set_current(None)
         self._handle(connection)
 
     def _handle(self, connection: Connection) -> None:
@@ -871,7 +871,7 @@ class ConnectionPipeline:
                     # Not on a pool thread: the socket must not block us (whatever was
                     # left unflushed cannot be delivered to a client that left anyway).
                     connection.request.setblocking(False)
-                handler._servekit_deferred = False  # _finish_handler(), inlined
+                handler._servekit_deferred = False  # its finish(), deferred until now
                 handler.finish()
             except Exception:
                 self.server.handle_error(connection.request, connection.client_address)

@@ -567,21 +567,19 @@ class ThreadPoolMixIn(ServerFeature):
         runtime = self._here()
         if runtime is not None and runtime.pipeline is not None:
             return runtime.pipeline  # the usual case, once per connection: one lookup
-        pool = self.pool
+        pool = self.pool  # this process's runtime, made on first use
         runtime = self._here()
         assert runtime is not None
-        if runtime.pipeline is None:
-            stages = self.connection_stages()
-            pipeline = ConnectionPipeline(
-                self,
-                stages,
-                pool.submit,
-                idle_timeout=self.park_timeout(),
-            )
-            pipeline.start()
-            pool.follow(pipeline)
-            runtime.pipeline = pipeline
-        return runtime.pipeline
+        pipeline = ConnectionPipeline(
+            self,
+            self.connection_stages(),
+            pool.submit,
+            idle_timeout=self.park_timeout(),
+        )
+        pipeline.start()
+        pool.follow(pipeline)
+        runtime.pipeline = pipeline
+        return pipeline
 
     def get_request(self) -> tuple[Any, Any]:
         """Accept a stream connection as accepted_socket_class (ConnectionSocket), as
