@@ -308,6 +308,36 @@ def test_a_client_that_resets_is_not_an_error(capsys: pytest.CaptureFixture[str]
     assert capsys.readouterr().err == ""
 
 
+def test_a_parked_client_that_resets_costs_no_shutdown_call() -> None:
+    """A parked connection the client resets is closed without shutdown(), which the
+    kernel would refuse (ENOTCONN); a client that closes normally still gets it."""
+    outcomes: list[object] = []
+
+    class Recording(ThreadPoolTCPServer):
+        def shutdown_request(self, request: Any) -> None:
+            # As a user's override might: no try around shutdown().
+            try:
+                request.shutdown(socket.SHUT_WR)
+                outcomes.append("shut down")
+            except OSError as exc:
+                outcomes.append(exc.errno)
+            self.close_request(request)
+
+    with Recording((LOCALHOST, 0), EchoHandler, max_threads=2) as server, serving(server):
+        sock = connect(server.server_address, TIMEOUT)
+        assert exchange_line(sock, b"a\n") == b"a\n"
+        assert wait_until(lambda: server.parked_connections == 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()  # SO_LINGER 0: RST
+        assert wait_until(lambda: len(outcomes) == 1)
+        with connect(server.server_address, TIMEOUT) as sock:
+            assert exchange_line(sock, b"b\n") == b"b\n"
+            sock.shutdown(socket.SHUT_WR)
+            assert closed_by_peer(sock, TIMEOUT)
+        assert wait_until(lambda: len(outcomes) == 2)
+    assert outcomes == ["shut down", "shut down"]
+
+
 def test_current_connection_describes_the_connection() -> None:
     """A handler reads its connection record: the peer, the message count, the state."""
     seen: list[tuple[object, int, str]] = []

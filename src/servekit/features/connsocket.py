@@ -62,6 +62,7 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
         "_read_bytes",
         "_read_rate",
         "_read_until",
+        "_reset",
         "_wait_timeout",
     )
     _io_refs: int  # socket.socket's count of open makefile() files, undeclared in the stubs
@@ -76,6 +77,7 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
         self._read_until: float | None = None
         self._read_rate = 0.0
         self._read_bytes = 0
+        self._reset = False
         _C.settimeout(self, 0.0)  # the descriptor: non-blocking for good
 
     # -- the timeout, as the handler sees it ---------------------------------------------
@@ -204,6 +206,21 @@ class ConnectionSocket(HeadHolding, ReadRate, socket.socket):
             return _C.recvmsg_into(self, *args)
         except BlockingIOError:
             return self._wait_and(_POLLIN, _C.recvmsg_into, *args)
+
+    # -- closing -------------------------------------------------------------------------
+
+    def client_reset(self) -> None:
+        """Note that the client reset the connection (the connection pipeline saw
+        EPOLLERR): the kernel has already closed it, so shutdown() has nothing to do."""
+        self._reset = True
+
+    def shutdown(self, how: int) -> None:
+        if self._reset:
+            # The kernel would refuse with ENOTCONN, which TCPServer.shutdown_request()
+            # ignores. Under connection churn nearly every client resets: not asking
+            # saves a system call and an exception per connection.
+            return
+        super().shutdown(how)
 
     # -- writing -------------------------------------------------------------------------
 

@@ -90,7 +90,8 @@ log = logging.getLogger("servekit.pipeline")
 PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, ssl.SSLEOFError)
 
 _IN = select.EPOLLIN | select.EPOLLRDHUP
-_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_ERR = select.EPOLLERR
+_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | _ERR
 _ARM_ONCE = select.EPOLLET | select.EPOLLONESHOT
 _PARK_MASK = _IN | _ARM_ONCE
 _ONESHOT = select.EPOLLONESHOT
@@ -462,9 +463,11 @@ class ConnectionPipeline:
                 return None
             if mask & _HANGUP and (
                 # A reset (EPOLLERR) leaves nothing to read: no peek, which would raise.
-                mask & select.EPOLLERR
+                mask & _ERR
                 or (connection.tls is None and peek_ready(connection, readable=True) == "")
             ):
+                if mask & _ERR and type(connection.request) is ConnectionSocket:
+                    connection.request.client_reset()
                 # Closed by the client between messages, the usual end of a keep-alive
                 # connection: closed by this thread without a turn as a task (which, for
                 # the thread that waits, means waking another to wait first). Never
