@@ -510,6 +510,68 @@ def test_shutdown_serves_connections_the_kernel_had_queued() -> None:
             assert reader.readline() == b""
 
 
+def test_a_message_taken_by_a_thread_as_the_server_stops_is_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Closing idle connections works from a list made when it starts: a connection
+    parked then, whose next message a pool thread takes before its turn comes, is the
+    thread's. Its message is answered and the connection closed after it, not closed
+    under its running handler."""
+    import servekit.features.pipeline as pipeline_module
+
+    release = threading.Event()
+
+    class Blocks(MessageHandler):
+        def handle_one_request(self) -> None:
+            line = self.rfile.readline()
+            if not line:
+                self.close_connection = True
+                return
+            if line == b"block\n":
+                release.wait(TIMEOUT)
+            self.wfile.write(line)
+
+    server = ThreadPoolTCPServer((LOCALHOST, 0), Blocks, max_threads=4)
+    first = connect(server.server_address, TIMEOUT)
+    second = connect(server.server_address, TIMEOUT)
+    peek_ready = pipeline_module.peek_ready
+    taken: list[bool] = []
+
+    def second_message_arrives(connection: Any, **kwargs: Any) -> str:
+        # close_idle() looks at the first connection: meanwhile the second's next
+        # message arrives and a pool thread takes it.
+        if not taken:
+            second.sendall(b"block\n")
+            pipeline = server.pipeline
+            assert pipeline is not None
+            taken.append(
+                wait_until(
+                    lambda: any(
+                        c.state.value == "handling" for c in list(pipeline.connections.values())
+                    )
+                )
+            )
+        return peek_ready(connection, **kwargs)
+
+    with first, second:
+        with serving(server):
+            assert exchange_line(first, b"a\n") == b"a\n"
+            assert exchange_line(second, b"b\n") == b"b\n"
+            assert wait_until(lambda: server.parked_connections == 2)
+            monkeypatch.setattr(pipeline_module, "peek_ready", second_message_arrives)
+            server.shutdown()
+            closer = threading.Thread(target=server.server_close)
+            closer.start()
+            assert wait_until(lambda: taken == [True])
+            assert closed_by_peer(first, TIMEOUT)  # idle: closed
+            release.set()
+            closer.join(TIMEOUT)
+            assert not closer.is_alive()
+        with second.makefile("rb") as reader:
+            assert reader.readline() == b"block\n"
+            assert reader.readline() == b""
+
+
 def test_a_silent_connection_in_the_backlog_does_not_hold_up_the_stop() -> None:
     """A client queued in the backlog when the loop stops that never sends its request is closed after the shutdown grace (0.25 s), not after request_timeout: Ctrl-C must not wait for it."""
     server = LimitsPool((LOCALHOST, 0), EchoHandler, max_threads=4, request_timeout=20)

@@ -909,11 +909,17 @@ class ConnectionPipeline:
         closed = 0
         grace_until = time.monotonic() + SHUTDOWN_GRACE
         for connection in idle:
-            if (
-                connection.state is ConnectionState.PARKED
-                and self.parked_by_fd.pop(connection.fd, None) is not connection
-            ):
-                continue  # a thread took it just now; it closes it after this message
+            # The list is a snapshot: read the state again. A parked connection is ours
+            # only if we take it from parked_by_fd; one a thread took since the snapshot
+            # (for its next message: HANDLING; or closed it) is the thread's, which closes
+            # it after this message (closing is set, see _park()). Closing it here would
+            # close the socket under its running handler.
+            state = connection.state
+            if state is ConnectionState.PARKED:
+                if self.parked_by_fd.pop(connection.fd, None) is not connection:
+                    continue  # a thread took it just now
+            elif state is ConnectionState.HANDLING or state is ConnectionState.CLOSED:
+                continue
             connection.closing = True
             # Served once more: a connection whose request is here, and one accepted
             # but still in its preamble (its client just connected: the request is
