@@ -10,6 +10,7 @@ import socket
 import ssl
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -570,6 +571,92 @@ def test_a_message_taken_by_a_thread_as_the_server_stops_is_answered(
         with second.makefile("rb") as reader:
             assert reader.readline() == b"block\n"
             assert reader.readline() == b""
+
+
+def test_a_request_wait_run_by_a_thread_as_the_server_stops_is_the_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The whole-head wait before a keep-alive HTTP request runs on the pool thread that
+    took the connection. Until it hands the connection to the loop, the connection is
+    that thread's: the shutdown sequence, closing idle connections meanwhile, must not
+    take it and serve the request a second time."""
+    import servekit.features.pipeline as pipeline_module
+    from servekit.features.limits import WaitForRequest
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "3")
+            self.end_headers()
+            self.wfile.write(b"ok\n")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    in_step = threading.Event()
+    release = threading.Event()
+    idle_closed = threading.Event()
+    steps: list[str] = []
+    ready = WaitForRequest.ready
+
+    def held_ready(stage: WaitForRequest, connection: Any, events: int) -> str:
+        # The pool thread's step for the second client's request, held until the
+        # shutdown sequence has closed the idle connections.
+        first_step = not steps
+        steps.append(threading.current_thread().name)
+        if first_step:
+            in_step.set()
+            release.wait(TIMEOUT)
+        return ready(stage, connection, events)
+
+    close_idle = ConnectionPipeline.close_idle
+
+    def closes_idle(pipeline: ConnectionPipeline) -> int:
+        try:
+            return close_idle(pipeline)
+        finally:
+            idle_closed.set()
+
+    errors: list[str] = []
+
+    class Recording(LimitsPool):
+        def handle_error(self, request: object, client_address: object) -> None:
+            errors.append(traceback.format_exc())
+
+    server = Recording((LOCALHOST, 0), Handler, max_threads=4)
+    first = connect(server.server_address, TIMEOUT)
+    second = connect(server.server_address, TIMEOUT)
+    peek_ready = pipeline_module.peek_ready
+    request = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+
+    def second_request_arrives(connection: Any, **kwargs: Any) -> str:
+        if not in_step.is_set():
+            second.sendall(request)
+            assert in_step.wait(TIMEOUT)
+        return peek_ready(connection, **kwargs)
+
+    with first, second:
+        with serving(server):
+            for sock in (first, second):
+                sock.sendall(request)
+                assert read_until(sock, b"ok\n").endswith(b"ok\n")
+            assert wait_until(lambda: server.parked_connections == 2)
+            monkeypatch.setattr(WaitForRequest, "ready", held_ready)
+            monkeypatch.setattr(pipeline_module, "peek_ready", second_request_arrives)
+            monkeypatch.setattr(ConnectionPipeline, "close_idle", closes_idle)
+            server.shutdown()
+            closer = threading.Thread(target=server.server_close)
+            closer.start()
+            assert idle_closed.wait(TIMEOUT)
+            release.set()
+            closer.join(TIMEOUT)
+            assert not closer.is_alive()
+        answer = read_until(second, b"\0")  # everything, until EOF
+    assert answer.count(b"HTTP/1.1 200") == 1, answer
+    assert errors == []
+    assert len(steps) == 1, steps  # the one thread's step, not a second one
 
 
 def test_a_silent_connection_in_the_backlog_does_not_hold_up_the_stop() -> None:

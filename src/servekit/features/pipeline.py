@@ -515,11 +515,13 @@ class ConnectionPipeline:
             # polls such a socket for up to that timeout before any recv(), MSG_DONTWAIT
             # or not; ConnectionSocket does not, and TLSConnectionSocket.read_ahead()
             # makes itself non-blocking.
+            # HANDLING (this thread's) while the step runs here: _wait() makes it
+            # PREAMBLE, the loop's, only as it arms it. Published as PREAMBLE before, it
+            # could be taken by the shutdown sequence while this thread still ran it.
             self._enter(connection, index)
-            connection.state = ConnectionState.PREAMBLE
+            connection.state = _HANDLING
             connection.events = events
             if self._advance(connection, on_loop=False):
-                connection.state = _HANDLING
                 self._handle(connection)
             return
         verdict = self._message_ready(connection, events)
@@ -772,11 +774,8 @@ class ConnectionPipeline:
         bytes came (_unpark()): a client that sends one request and a trickle of the
         next holds no thread. The wait sees what rfile holds (buffered_request())."""
         self._enter(connection, self._rewait)  # type: ignore[arg-type]
-        connection.state = ConnectionState.PREAMBLE
-        if self._advance(connection, on_loop=False):
-            connection.state = _HANDLING
-            return True
-        return False
+        # Still HANDLING: see _unpark().
+        return self._advance(connection, on_loop=False)
 
     def _run_whole(self, connection: Connection) -> None:
         connection.request.settimeout(connection.timeout)
