@@ -449,6 +449,78 @@ def test_clients_stalled_mid_client_hello_hold_no_thread(tls_certs: CertSet) -> 
                 sock.close()
 
 
+def test_a_handshake_step_that_ends_as_the_server_stops_is_closed(
+    tls_certs: CertSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TLS handshake step runs on a pool thread. One still running when the shutdown
+    sequence closes the idle connections, and that then has to wait for the client, is
+    closed by its thread, not armed in a loop that no longer runs (where nothing would
+    ever close it)."""
+    from servekit.features.tls import TLSHandshake
+
+    class TLSPool(TLSMixIn, ThreadPoolMixIn, servekit.TCPServer):
+        pass
+
+    in_step = threading.Event()
+    release = threading.Event()
+    idle_closed = threading.Event()
+    step = TLSHandshake.step
+
+    def held_step(stage: TLSHandshake, connection: Any) -> Any:
+        if not in_step.is_set():
+            in_step.set()
+            release.wait(TIMEOUT)
+        return step(stage, connection)
+
+    close_idle = ConnectionPipeline.close_idle
+
+    def closes_idle(pipeline: ConnectionPipeline) -> int:
+        try:
+            return close_idle(pipeline)
+        finally:
+            idle_closed.set()
+
+    monkeypatch.setattr(TLSHandshake, "step", held_step)
+    monkeypatch.setattr(ConnectionPipeline, "close_idle", closes_idle)
+    server = TLSPool(
+        (LOCALHOST, 0),
+        EchoHandler,
+        certfile=str(tls_certs.server.cert),
+        keyfile=str(tls_certs.server.key),
+        max_threads=2,
+    )
+    outcome: list[object] = []
+
+    def handshake() -> None:
+        # TLS 1.3: the client's handshake may complete before the server reads its
+        # Finished; then its first read sees the close.
+        try:
+            with tls_client(tls_certs, server.server_address) as sock:
+                outcome.append(sock.recv(10))
+        except TimeoutError as exc:
+            outcome.append(exc)  # left open
+        except (OSError, ssl.SSLError):
+            outcome.append(b"")  # closed during the handshake
+
+    client = threading.Thread(target=handshake)
+    with serving(server):
+        client.start()
+        assert in_step.wait(TIMEOUT)
+        server.shutdown()
+        closer = threading.Thread(target=server.server_close)
+        closer.start()
+        assert idle_closed.wait(TIMEOUT)
+        release.set()  # the step goes on: it has to wait for the client's next flight
+        closer.join(TIMEOUT)
+        assert not closer.is_alive()
+        pipeline = server.pipeline
+        assert pipeline is not None
+        assert wait_until(lambda: not pipeline.connections)
+    client.join(TIMEOUT)
+    assert not client.is_alive()
+    assert outcome == [b""]  # closed by the server, not left open until the timeout
+
+
 # -- the order of mix-ins ---------------------------------------------------------------------
 
 

@@ -642,6 +642,16 @@ class ConnectionPipeline:
     def _wait(self, connection: Connection, step: Step) -> None:
         if connection.state is not ConnectionState.PARKED:
             connection.state = ConnectionState.PREAMBLE
+        if self.closing:
+            # The shutdown sequence has collected the connections to close (a stage
+            # step that ran on a thread meanwhile, the TLS handshake, ends here): armed
+            # now, it would wait in a loop that no longer runs. Read after the state
+            # write, as in _park(): close_idle() sets closing, then reads the states, so
+            # one of us sees the other, and _remove() lets only one close it.
+            if self._remove(connection):
+                connection.outcome = "shutdown"
+                self._close_socket(connection)
+            return
         if step is Step.WRITE:
             self._modify(connection, select.EPOLLOUT | _ARM_ONCE)
         elif step is Step.MORE:
