@@ -283,9 +283,13 @@ def test_crash_loop_backs_off() -> None:
         delays = []
         for _ in range(4):
             match = server.wait_for(
-                r"crash loop: next worker in ([\d.]+)s", start=len(server.lines)
+                r"(died [\d.]+s after starting|crash loop \((\d+) workers in a row died "
+                r"within 5s of starting\)): next worker in ([\d.]+)s",
+                start=len(server.lines),
             )
-            delays.append(float(match.group(1)))
+            # The first early death is named as such; from the second, a crash loop.
+            assert (match.group(2) is None) == (not delays), match.group(0)
+            delays.append(float(match.group(3)))
         assert delays == sorted(delays) and delays[-1] > delays[0]
         assert delays[:3] == [0.1, 0.2, 0.4]
         server.send(signal.SIGTERM)

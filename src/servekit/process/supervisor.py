@@ -783,7 +783,25 @@ class Supervisor:
             delay = min(RESTART_DELAY_MIN * 2 ** (self._young_crashes - 1), RESTART_DELAY_MAX)
             self._respawn_at = now + delay
             self.counters.restarts_delayed += 1
-            log.warning("%s: crash loop: next worker in %.2fs", self.name, delay)
+            if self._young_crashes == 1:
+                # One early death (a worker killed by hand, an OOM kill) is not yet a
+                # loop: say what happened, and the back-off it starts.
+                log.warning(
+                    "%s: worker %d died %.1fs after starting: next worker in %.2fs",
+                    self.name,
+                    worker.index,
+                    now - worker.started,
+                    delay,
+                )
+            else:
+                log.warning(
+                    "%s: crash loop (%d workers in a row died within %gs of starting): "
+                    "next worker in %.2fs",
+                    self.name,
+                    self._young_crashes,
+                    CRASH_WINDOW,
+                    delay,
+                )
         else:
             self._young_crashes = 0
 
