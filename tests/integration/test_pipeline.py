@@ -72,6 +72,37 @@ class Counting(MessageHandler):
         super().finish()
 
 
+class HttpOk(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with 200 and the body ok (keep-alive)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def idle_closed(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set once the shutdown sequence has closed the idle connections (close_idle())."""
+    done = threading.Event()
+    close_idle = ConnectionPipeline.close_idle
+
+    def closes_idle(pipeline: ConnectionPipeline) -> int:
+        try:
+            return close_idle(pipeline)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(ConnectionPipeline, "close_idle", closes_idle)
+    return done
+
+
 @pytest.fixture
 def counting() -> Iterator[type[Counting]]:
     Counting.setups = Counting.finishes = 0
@@ -450,7 +481,7 @@ def test_clients_stalled_mid_client_hello_hold_no_thread(tls_certs: CertSet) -> 
 
 
 def test_a_handshake_step_that_ends_as_the_server_stops_is_closed(
-    tls_certs: CertSet, monkeypatch: pytest.MonkeyPatch
+    tls_certs: CertSet, monkeypatch: pytest.MonkeyPatch, idle_closed: threading.Event
 ) -> None:
     """A TLS handshake step runs on a pool thread. One still running when the shutdown
     sequence closes the idle connections, and that then has to wait for the client, is
@@ -463,7 +494,6 @@ def test_a_handshake_step_that_ends_as_the_server_stops_is_closed(
 
     in_step = threading.Event()
     release = threading.Event()
-    idle_closed = threading.Event()
     step = TLSHandshake.step
 
     def held_step(stage: TLSHandshake, connection: Any) -> Any:
@@ -472,16 +502,7 @@ def test_a_handshake_step_that_ends_as_the_server_stops_is_closed(
             release.wait(TIMEOUT)
         return step(stage, connection)
 
-    close_idle = ConnectionPipeline.close_idle
-
-    def closes_idle(pipeline: ConnectionPipeline) -> int:
-        try:
-            return close_idle(pipeline)
-        finally:
-            idle_closed.set()
-
     monkeypatch.setattr(TLSHandshake, "step", held_step)
-    monkeypatch.setattr(ConnectionPipeline, "close_idle", closes_idle)
     server = TLSPool(
         (LOCALHOST, 0),
         EchoHandler,
@@ -640,7 +661,7 @@ def test_a_message_taken_by_a_thread_as_the_server_stops_is_answered(
 
 
 def test_a_request_wait_run_by_a_thread_as_the_server_stops_is_the_threads(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, idle_closed: threading.Event
 ) -> None:
     """The whole-head wait before a keep-alive HTTP request runs on the pool thread that
     took the connection. Until it hands the connection to the loop, the connection is
@@ -649,21 +670,8 @@ def test_a_request_wait_run_by_a_thread_as_the_server_stops_is_the_threads(
     import servekit.features.pipeline as pipeline_module
     from servekit.features.limits import WaitForRequest
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", "3")
-            self.end_headers()
-            self.wfile.write(b"ok\n")
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
     in_step = threading.Event()
     release = threading.Event()
-    idle_closed = threading.Event()
     steps: list[str] = []
     ready = WaitForRequest.ready
 
@@ -677,21 +685,13 @@ def test_a_request_wait_run_by_a_thread_as_the_server_stops_is_the_threads(
             release.wait(TIMEOUT)
         return ready(stage, connection, events)
 
-    close_idle = ConnectionPipeline.close_idle
-
-    def closes_idle(pipeline: ConnectionPipeline) -> int:
-        try:
-            return close_idle(pipeline)
-        finally:
-            idle_closed.set()
-
     errors: list[str] = []
 
     class Recording(LimitsPool):
         def handle_error(self, request: object, client_address: object) -> None:
             errors.append(traceback.format_exc())
 
-    server = Recording((LOCALHOST, 0), Handler, max_threads=4)
+    server = Recording((LOCALHOST, 0), HttpOk, max_threads=4)
     first = connect(server.server_address, TIMEOUT)
     second = connect(server.server_address, TIMEOUT)
     peek_ready = pipeline_module.peek_ready
@@ -707,11 +707,10 @@ def test_a_request_wait_run_by_a_thread_as_the_server_stops_is_the_threads(
         with serving(server):
             for sock in (first, second):
                 sock.sendall(request)
-                assert read_until(sock, b"ok\n").endswith(b"ok\n")
+                assert read_until(sock, b"\r\n\r\nok").endswith(b"ok")
             assert wait_until(lambda: server.parked_connections == 2)
             monkeypatch.setattr(WaitForRequest, "ready", held_ready)
             monkeypatch.setattr(pipeline_module, "peek_ready", second_request_arrives)
-            monkeypatch.setattr(ConnectionPipeline, "close_idle", closes_idle)
             server.shutdown()
             closer = threading.Thread(target=server.server_close)
             closer.start()
@@ -817,22 +816,10 @@ def test_drain_waits_once_for_hung_handlers(caplog: pytest.LogCaptureFixture) ->
 def test_threading_http_server_closes_at_once_with_an_idle_keepalive_client() -> None:
     """With servekit's core, ThreadingHTTPServer (daemon_threads) closes at once while a keep-alive client idles, as the stdlib does: daemon threads are not joined."""
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
     class Server(servekit.ThreadingTCPServer):
         daemon_threads = True
 
-    server = Server((LOCALHOST, 0), Handler)
+    server = Server((LOCALHOST, 0), HttpOk)
     with serving(server), connect(server.server_address, TIMEOUT) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         response = b""
