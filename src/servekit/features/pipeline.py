@@ -515,9 +515,10 @@ class ConnectionPipeline:
             # polls such a socket for up to that timeout before any recv(), MSG_DONTWAIT
             # or not; ConnectionSocket does not, and TLSConnectionSocket.read_ahead()
             # makes itself non-blocking.
-            # HANDLING (this thread's) while the step runs here: _wait() makes it
-            # PREAMBLE, the loop's, only as it arms it. Published as PREAMBLE before, it
-            # could be taken by the shutdown sequence while this thread still ran it.
+            #
+            # The connection stays HANDLING (this thread's) while the step runs here:
+            # _wait() makes it PREAMBLE, the loop's, only as it arms it. Published as
+            # PREAMBLE before, the shutdown sequence could take it meanwhile.
             self._enter(connection, index)
             connection.state = _HANDLING
             connection.events = events

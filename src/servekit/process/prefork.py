@@ -336,13 +336,14 @@ class PreforkMixIn(ServerFeature):
         hooks = super().message_hooks()
         context = self.worker_context
         if context is not None and context.max_requests:  # nothing to count otherwise
-            hooks.append(self._count_toward_max_requests)
-        return hooks
+            # Composed in the worker, whose context is fixed: bound here, not looked up
+            # on every message.
+            def count_toward_max_requests(connection: Connection) -> None:
+                if context.count_request():
+                    self._retire()
 
-    def _count_toward_max_requests(self, connection: Connection) -> None:
-        context = self.worker_context
-        if context is not None and context.count_request():
-            self._retire()
+            hooks.append(count_toward_max_requests)
+        return hooks
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if self.socket_type != socket.SOCK_STREAM:
