@@ -15,7 +15,8 @@
 #                  (servekit) or a thread each (stdlib); then a real client's time to
 #                  its response;
 #   pingpong-128, churn   run.py's loadgen scenarios on `servekit echo --workers 2
-#                  --threads 32` beside the stdlib (backlog 5 and 1024), asyncio, uvloop.
+#                  --threads 32` beside the stdlib (backlog 5 and 1024), asyncio, uvloop;
+#                  for scale, servekit with one worker and the C epoll server.
 # Contenders are real commands (`python -m servekit echo ...`) or bench/servers/
 # scripts; one that does not start or answer shows as n/a and the run goes on.
 from __future__ import annotations
@@ -107,6 +108,19 @@ SERVERS = {
             "`python -m servekit echo --workers 2 --threads 32`",
             servekit_cli("echo", "--workers", "2", "--threads", "32"),
             ready=SERVEKIT_READY,
+        ),
+        Server(
+            "servekit_echo_1x32",
+            "`python -m servekit echo --workers 1 --threads 32`: one process, what the pinned "
+            "server's one CPU calls for (two workers share it and take turns)",
+            servekit_cli("echo", "--workers", "1", "--threads", "32"),
+            ready=SERVEKIT_READY,
+        ),
+        Server(
+            "echo_epoll",
+            "bench/c/echo_epoll.c: C, one thread, epoll; what the kernel and this machine "
+            "allow, for scale",
+            (str(run.ECHO_EPOLL), "--host", HOST, "--port", "0"),
         ),
         Server(
             "servekit_echo_proxy_1x4",
@@ -394,7 +408,15 @@ def scenarios(s: Settings) -> list[Scenario]:
             "leaves them in SYN retransmission); throughput and p99 count only the others. "
             "Ratios to the stdlib as shipped and to the stdlib with a backlog of 1024 (issue 10's "
             "target: all 128 answered, req/s at least and p99 at most half of the latter's).",
-            (STDLIB, STDLIB_1024, "asyncio", "uvloop", "servekit_echo_2x32"),
+            (
+                STDLIB,
+                STDLIB_1024,
+                "asyncio",
+                "uvloop",
+                "servekit_echo_2x32",
+                "servekit_echo_1x32",
+                "echo_epoll",
+            ),
             PINGPONG_COLUMNS,
             loadgen_notes,
             figures=LOAD_FIGURES,
@@ -406,7 +428,15 @@ def scenarios(s: Settings) -> list[Scenario]:
             "bench/run.py's churn: each slot connects, sends a line, reads the echo, resets the "
             "connection and starts over. Connections per second; issue 10's target is 3x the "
             "stdlib's.",
-            (STDLIB, STDLIB_1024, "asyncio", "uvloop", "servekit_echo_2x32"),
+            (
+                STDLIB,
+                STDLIB_1024,
+                "asyncio",
+                "uvloop",
+                "servekit_echo_2x32",
+                "servekit_echo_1x32",
+                "echo_epoll",
+            ),
             CHURN_COLUMNS,
             loadgen_notes,
             figures=LOAD_FIGURES,
