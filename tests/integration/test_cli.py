@@ -407,6 +407,59 @@ def test_a_duck_typed_handler_class_is_served(handler_modules: str) -> None:
         assert server.wait() == 0
 
 
+RELOADABLE = (
+    "import socketserver\n"
+    "class H(socketserver.StreamRequestHandler):\n"
+    "    def handle(self):\n"
+    "        self.rfile.readline()\n"
+    "        self.wfile.write({reply!r})\n"
+)
+
+
+def test_sighup_reloads_the_handler_in_a_single_process(tmp_path: Path) -> None:
+    """SIGHUP on one process re-imports the handler's module: later connections run the edited code; an edit that does not import is one log line, and the previous handler goes on serving."""
+    module = tmp_path / "reload_mod.py"
+    module.write_text(RELOADABLE.format(reply=b"first\n"))
+    env = {
+        "PYTHONPATH": f"{tmp_path}:{ROOT / 'src'}:{ROOT}",
+        # The edits below may land within the second the first .pyc was written.
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    with ServerProcess.cli(
+        "serve", "reload_mod:H", "--bind", "127.0.0.1:0", "--threads", "2", env=env
+    ) as server:
+        server.wait_ready()
+        assert server.request(b"x\n") == b"first\n"
+        module.write_text(RELOADABLE.format(reply=b"second version\n"))
+        mark = len(server.lines)
+        server.send(signal.SIGHUP)
+        server.wait_for(r"\breloaded$", start=mark)
+        assert server.request(b"x\n") == b"second version\n"
+
+        module.write_text("class H(:\n")
+        mark = len(server.lines)
+        server.send(signal.SIGHUP)
+        server.wait_for(
+            r"reload failed; still serving with the previous setup: .*syntax error", start=mark
+        )
+        assert server.request(b"x\n") == b"second version\n"
+        server.send(signal.SIGTERM)
+        assert server.wait() == 0
+        assert not any("Traceback" in line for line in server.lines), server.lines
+
+
+def test_supervisor_log_lines_name_the_target() -> None:
+    """With --workers 2, the supervisor's lines name what it runs (the command's target), not an internal class."""
+    with ServerProcess.cli(
+        "serve", "tests.integration.apps:PidEcho", "--bind", "127.0.0.1:0", "--workers", "2"
+    ) as server:
+        server.wait_ready()
+        server.wait_for(r"tests\.integration\.apps:PidEcho: worker 1 started, pid \d+")
+        server.send(signal.SIGTERM)
+        assert server.wait() == 0
+    assert not any("ServekitServer" in line for line in server.lines), server.lines
+
+
 def test_help_shows_real_metavars_choices_and_defaults() -> None:
     """--help shows metavars that say what to type, the choices of enumerations, octal modes and the defaults the command applies."""
     text = run_cli("serve", "--help").stdout

@@ -259,7 +259,12 @@ class _Hooks:
     cli_loader: Callable[[bool], type] | None = None
     cli_notifier: Any = None
     cli_watchdog: Any = None
-    _cli_reload_requested = False
+
+    @property
+    def supervisor_label(self: Any) -> str:
+        # The supervisor's log lines name what runs ("echo", "myapp:Handler"), not the
+        # class composed for it here.
+        return str(self.cli_label)
 
     def cli_announce(self: Any) -> None:
         describe = ", ".join(str(a) for a in self.cli_bound_addresses())
@@ -322,16 +327,17 @@ class _Hooks:
     def service_actions(self: Any) -> None:
         if self.cli_watchdog is not None and getattr(self, "worker_context", None) is None:
             self.cli_watchdog.maybe_ping(time.monotonic())
-        if self._cli_reload_requested:
-            self._cli_reload_requested = False
-            try:
-                self.on_reload()
-                log.info("reloaded")
-            except TargetError as exc:  # a syntax error in the edited module: one line
-                log.error("reload failed; still serving with the previous setup: %s", exc)
-            except Exception:
-                log.exception("reload failed; still serving with the previous setup")
         super().service_actions()  # type: ignore[misc]
+
+    def cli_reload(self: Any) -> None:
+        """SIGHUP in a single process, run on the loop's thread (queued by the handler)."""
+        try:
+            self.on_reload()
+            log.info("reloaded")
+        except TargetError as exc:  # a syntax error in the edited module: one line
+            log.error("reload failed; still serving with the previous setup: %s", exc)
+        except Exception:
+            log.exception("reload failed; still serving with the previous setup")
 
 
 def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
@@ -445,10 +451,7 @@ def _single_process_signals(server: Any) -> None:
         server.request_shutdown()
 
     def hup(signum: int, frame: object) -> None:
-        server._cli_reload_requested = True
-        wakeup = server._loop_wakeup()
-        if wakeup is not None:
-            wakeup.notify()
+        server.call_soon_threadsafe(server.cli_reload)  # takes no lock: signal-safe
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

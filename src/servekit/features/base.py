@@ -83,6 +83,9 @@ class ServerFeature(Configurable, _MixinBase):
     #: it (ThreadPoolMixIn: servekit.features.connsocket.ConnectionSocket); a feature
     #: earlier in the bases must not set it.
     accepted_socket_class: type[socket.socket] = socket.socket
+    # Set by server_close() as it starts; a class default because server_close() may run
+    # before the features' __init__ (TCPServer.__init__ calls it when bind() fails).
+    _close_started: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -209,9 +212,9 @@ class ServerFeature(Configurable, _MixinBase):
 
     def server_close(self) -> None:
         """Shut down in the documented order; a second call does nothing more."""
-        if self.__dict__.get("_servekit_closed"):
+        if self._close_started:
             return
-        self.__dict__["_servekit_closed"] = True
+        self._close_started = True
         try:
             self.stop_admitting()
             self.accept_backlog()
@@ -225,7 +228,7 @@ class ServerFeature(Configurable, _MixinBase):
     @property
     def closed(self) -> bool:
         """True once server_close() started."""
-        return bool(self.__dict__.get("_servekit_closed"))
+        return self._close_started
 
 
 _CORE_CONCURRENCY = ("ThreadingMixIn", "ForkingMixIn")

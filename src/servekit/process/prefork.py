@@ -159,7 +159,7 @@ class PreforkMixIn(ServerFeature):
             on_ready=self.on_workers_ready,
             on_stop=self._on_supervisor_stop,
             on_tick=self.supervisor_tick,
-            name=type(self).__name__,
+            name=self.supervisor_label,
             hold_signals=True,  # _worker_main releases them once its handlers are set
         )
         self._supervisor = supervisor
@@ -167,6 +167,12 @@ class PreforkMixIn(ServerFeature):
             supervisor.run(wakeup=wakeup, should_stop=lambda: self.stop_requested)
         finally:
             self._supervisor = None
+
+    @property
+    def supervisor_label(self) -> str:
+        """How the supervisor's log lines name this server ("echo: worker 0 started").
+        The class name by default. May be overridden."""
+        return type(self).__name__
 
     def on_reload(self) -> None:
         """Called in the parent on SIGHUP before new workers start. May be overridden."""
