@@ -26,12 +26,13 @@ METRICS_LINE = r"metrics: /metrics, /livez and /readyz on http://127\.0\.0\.1:(\
 SUMMARY = r"shutdown: complete after [\d.]+s: "
 PREFORK_SUMMARY = (
     SUMMARY + r"(\d+) worker\(s\) drained: served (\d+) connection\(s\) taken from the kernel "
-    r"backlog, closed (\d+) idle connection\(s\), (\d+) handler\(s\) still running after "
-    r"drain_timeout; (\d+) worker\(s\) ended before draining"
+    r"backlog, closed (\d+) connection\(s\) waiting for their client, (\d+) handler\(s\) "
+    r"still running after drain_timeout; (\d+) worker\(s\) ended before draining"
 )
 SINGLE_SUMMARY = (
-    SUMMARY + r"served (\d+) connection\(s\) taken from the kernel backlog, closed (\d+) idle "
-    r"connection\(s\), (\d+) handler\(s\) still running after drain_timeout"
+    SUMMARY + r"served (\d+) connection\(s\) taken from the kernel backlog, closed (\d+) "
+    r"connection\(s\) waiting for their client, (\d+) handler\(s\) still running after "
+    r"drain_timeout"
 )
 
 
@@ -189,8 +190,8 @@ def test_single_process_metrics_json_logs_and_summary() -> None:
         summaries = [m for m in messages if m.startswith("shutdown: complete after")]
         assert len(summaries) == 1, summaries
         assert summaries[0].endswith(
-            "served 0 connection(s) taken from the kernel backlog, closed 0 idle "
-            "connection(s), 0 handler(s) still running after drain_timeout"
+            "served 0 connection(s) taken from the kernel backlog, closed 0 connection(s) "
+            "waiting for their client, 0 handler(s) still running after drain_timeout"
         )
 
 

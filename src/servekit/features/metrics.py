@@ -690,8 +690,11 @@ def _message_end(connection: Connection, live: _Live, now: float) -> float:
 
 def _summary(backlog: int, idle: int, still: int) -> str:
     return (
+        # "waiting for their client": idle keep-alive connections and those still in
+        # their preamble (a stalled PROXY header or TLS handshake) alike.
         f"served {backlog} connection(s) taken from the kernel backlog, closed {idle} "
-        f"idle connection(s), {still} handler(s) still running after drain_timeout"
+        f"connection(s) waiting for their client, {still} handler(s) still running after "
+        "drain_timeout"
     )
 
 
