@@ -78,6 +78,33 @@ from run import HOST, fmt_bytes, fmt_int, fmt_us, tree_memory
 STDLIB = "stdlib_threading"
 STDLIB_1024 = "stdlib_threading_1024"
 
+
+def servekit_echo(
+    workers: int, threads: int, *extra: str, name: str = "", note: str = ""
+) -> Server:
+    """`python -m servekit echo --workers W --threads T ...` as a contender."""
+    args = ("echo", "--workers", str(workers), "--threads", str(threads), *extra)
+    return Server(
+        name or f"servekit_echo_{workers}x{threads}",
+        f"`python -m servekit {' '.join(args)}`{note}",
+        servekit_cli(*args),
+        ready=SERVEKIT_READY,
+    )
+
+
+# The loadgen scenarios' contenders: the judged ones (issue 10: the stdlib with both
+# backlogs, servekit's `--workers 2 --threads 32`), and for scale the event loops, one
+# servekit worker, and a C server.
+LOAD_CONTENDERS = (
+    STDLIB,
+    STDLIB_1024,
+    "asyncio",
+    "uvloop",
+    "servekit_echo_2x32",
+    "servekit_echo_1x32",
+    "echo_epoll",
+)
+
 SERVERS = {
     s.name: s
     for s in [
@@ -97,24 +124,13 @@ SERVERS = {
         Server(
             "uvloop", "the asyncio code on uvloop", script("uvloop_server.py"), needs=("uvloop",)
         ),
-        Server(
-            "servekit_echo_1x8",
-            "`python -m servekit echo --workers 1 --threads 8`",
-            servekit_cli("echo", "--workers", "1", "--threads", "8"),
-            ready=SERVEKIT_READY,
-        ),
-        Server(
-            "servekit_echo_2x32",
-            "`python -m servekit echo --workers 2 --threads 32`",
-            servekit_cli("echo", "--workers", "2", "--threads", "32"),
-            ready=SERVEKIT_READY,
-        ),
-        Server(
-            "servekit_echo_1x32",
-            "`python -m servekit echo --workers 1 --threads 32`: one process, what the pinned "
-            "server's one CPU calls for (two workers share it and take turns)",
-            servekit_cli("echo", "--workers", "1", "--threads", "32"),
-            ready=SERVEKIT_READY,
+        servekit_echo(1, 8),
+        servekit_echo(2, 32),
+        servekit_echo(
+            1,
+            32,
+            note=": one process, what the pinned server's one CPU calls for (two workers share "
+            "it and take turns)",
         ),
         Server(
             "echo_epoll",
@@ -122,12 +138,7 @@ SERVERS = {
             "allow, for scale",
             (str(run.ECHO_EPOLL), "--host", HOST, "--port", "0"),
         ),
-        Server(
-            "servekit_echo_proxy_1x4",
-            "`python -m servekit echo --workers 1 --threads 4 --proxy-protocol v2`",
-            servekit_cli("echo", "--workers", "1", "--threads", "4", "--proxy-protocol", "v2"),
-            ready=SERVEKIT_READY,
-        ),
+        servekit_echo(1, 4, "--proxy-protocol", "v2", name="servekit_echo_proxy_1x4"),
         Server(
             "servekit_echo_tls_1x8",
             "`python -m servekit echo --workers 1 --threads 8 --certfile C --keyfile K` "
@@ -408,15 +419,7 @@ def scenarios(s: Settings) -> list[Scenario]:
             "leaves them in SYN retransmission); throughput and p99 count only the others. "
             "Ratios to the stdlib as shipped and to the stdlib with a backlog of 1024 (issue 10's "
             "target: all 128 answered, req/s at least and p99 at most half of the latter's).",
-            (
-                STDLIB,
-                STDLIB_1024,
-                "asyncio",
-                "uvloop",
-                "servekit_echo_2x32",
-                "servekit_echo_1x32",
-                "echo_epoll",
-            ),
+            LOAD_CONTENDERS,
             PINGPONG_COLUMNS,
             loadgen_notes,
             figures=LOAD_FIGURES,
@@ -428,15 +431,7 @@ def scenarios(s: Settings) -> list[Scenario]:
             "bench/run.py's churn: each slot connects, sends a line, reads the echo, resets the "
             "connection and starts over. Connections per second; issue 10's target is 3x the "
             "stdlib's.",
-            (
-                STDLIB,
-                STDLIB_1024,
-                "asyncio",
-                "uvloop",
-                "servekit_echo_2x32",
-                "servekit_echo_1x32",
-                "echo_epoll",
-            ),
+            LOAD_CONTENDERS,
             CHURN_COLUMNS,
             loadgen_notes,
             figures=LOAD_FIGURES,
