@@ -16,6 +16,8 @@ from types import TracebackType
 import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
+# Its sitecustomize makes each server process dump its stacks on SIGUSR2 (see __exit__).
+STACKDUMP = Path(__file__).resolve().parent / "stackdump"
 READY = re.compile(r"servekit: ready: .* on \w+://[^ ]*:(\d+)")
 
 
@@ -25,6 +27,7 @@ class ServerProcess:
     def __init__(self, argv: list[str], *, env: dict[str, str] | None = None) -> None:
         self.argv = argv
         self.env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", **(env or {})}
+        self.env["PYTHONPATH"] = f"{STACKDUMP}:{self.env['PYTHONPATH']}"
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self.lines: list[str] = []
@@ -144,6 +147,8 @@ class ServerProcess:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.workers()
+            if exc_type is not None:
+                self.dump_stacks()
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -154,6 +159,38 @@ class ServerProcess:
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
+
+    def dump_stacks(self, timeout: float = 3.0) -> None:
+        """Print (for pytest's report of a failed test) where every thread of the server
+        and of its workers waits: each dumps its stacks on SIGUSR2 (stackdump/)."""
+        assert self.proc is not None
+        try:
+            processes = [psutil.Process(self.proc.pid)]
+            processes += processes[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        mark = len(self.lines)
+        signalled = 0
+        for process in processes:
+            try:
+                process.send_signal(signal.SIGUSR2)
+                signalled += 1
+            except psutil.NoSuchProcess:
+                pass
+        deadline = time.monotonic() + timeout
+        with self._changed:  # until each process wrote its dump, or the timeout
+            while self.count_from(mark, r"^Current thread 0x") < signalled:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(remaining)
+            dump = self.lines[mark:]
+        print(f"stacks of {signalled} server process(es) at the failure:")
+        print("\n".join(dump))
+
+    def count_from(self, start: int, pattern: str) -> int:
+        regex = re.compile(pattern)
+        return sum(1 for line in self.lines[start:] if regex.search(line))
 
     def assert_no_leftovers(self, timeout: float = 5.0) -> None:
         """Every worker this server ever had is gone (reaped by it, not orphaned)."""
