@@ -97,10 +97,11 @@ class ServerProcess:
                     )
                 self._changed.wait(remaining)
 
-    def count(self, pattern: str) -> int:
+    def count(self, pattern: str, start: int = 0) -> int:
+        """Output lines (from index start) that match pattern."""
         regex = re.compile(pattern)
         with self._changed:
-            return sum(1 for line in self.lines if regex.search(line))
+            return sum(1 for line in self.lines[start:] if regex.search(line))
 
     def wait_ready(self, timeout: float = 15.0) -> int:
         self.port = int(self.wait_for(READY.pattern, timeout).group(1))
@@ -177,20 +178,13 @@ class ServerProcess:
                 signalled += 1
             except psutil.NoSuchProcess:
                 pass
-        deadline = time.monotonic() + timeout
         with self._changed:  # until each process wrote its dump, or the timeout
-            while self.count_from(mark, r"^Current thread 0x") < signalled:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._changed.wait(remaining)
+            self._changed.wait_for(
+                lambda: self.count(r"^Current thread 0x", start=mark) >= signalled, timeout
+            )
             dump = self.lines[mark:]
         print(f"stacks of {signalled} server process(es) at the failure:")
         print("\n".join(dump))
-
-    def count_from(self, start: int, pattern: str) -> int:
-        regex = re.compile(pattern)
-        return sum(1 for line in self.lines[start:] if regex.search(line))
 
     def assert_no_leftovers(self, timeout: float = 5.0) -> None:
         """Every worker this server ever had is gone (reaped by it, not orphaned)."""
